@@ -1,0 +1,356 @@
+# model.py against transformers as the oracle: tiny random models in the published layouts are saved
+# with save_pretrained (safetensors), loaded with our code and compared (fp32, CPU).
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from model import (Decoder, DecoderConfig, WhisperConfig, WhisperEncoder,  # noqa: E402
+                   parse_dtype, pick_device, rope_inv_freq, sample)
+
+TOL = 1e-4
+VOCAB = 101
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@torch.no_grad()
+def randomize(model):
+    # transformers' init (std 0.02, norms 1, biases 0) gives near-uniform attention and logits near 0:
+    # larger weights make every parameter, norms and biases included, move the outputs visibly
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1 + 0.2 * torch.randn_like(p))
+        else:
+            p.normal_(0, 0.1 if name.endswith("bias") else 1.5 / p.shape[-1] ** 0.5)
+
+
+# ----------------------------------------------------------------------------- Whisper
+
+def hf_whisper(n_mels):
+    cfg = transformers.WhisperConfig(
+        num_mel_bins=n_mels, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=100, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=3, begin_suppress_tokens=None, suppress_tokens=None)
+    torch.manual_seed(n_mels)
+    model = transformers.WhisperForConditionalGeneration(cfg).eval()
+    randomize(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def whisper80(tmp_path_factory):
+    hf = hf_whisper(80)
+    folder = tmp_path_factory.mktemp("whisper80")
+    hf.save_pretrained(folder)                      # full model: keys model.encoder.* and model.decoder.*
+    return hf, WhisperEncoder.from_pretrained(folder, device="cpu"), folder
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_whisper_padded_matches_transformers(n_mels, whisper80, tmp_path):
+    if n_mels == 80:
+        hf, ours, _ = whisper80
+    else:                                           # large-v3 style: an encoder-only file, keys encoder.*
+        hf = hf_whisper(128)
+        sd = {k[len("model."):]: v.contiguous() for k, v in hf.state_dict().items() if k.startswith("model.encoder.")}
+        save_file(sd, tmp_path / "model.safetensors")
+        hf.config.to_json_file(tmp_path / "config.json")
+        ours = WhisperEncoder.from_pretrained(tmp_path, device="cpu")
+    assert ours.cfg.n_mels == n_mels and ours.positional_embedding.shape == (1500, 32)
+    mel = torch.randn(2, n_mels, 3000)
+    with torch.no_grad():
+        want = hf.model.encoder(mel).last_hidden_state
+        got, lengths = ours(mel)
+    assert got.shape == (2, 1500, 32) and lengths.tolist() == [1500, 1500]
+    assert max_diff(got, want) < TOL
+
+
+def test_whisper_real_frames_batch_equals_each_clip_alone(whisper80):
+    _, enc, _ = whisper80
+    lengths = [300, 217, 51]
+    clips = [torch.randn(80, n) for n in lengths]
+    batch = torch.randn(3, 80, 300) * 5             # junk past each clip's end: must not matter
+    for i, c in enumerate(clips):
+        batch[i, :, :c.shape[1]] = c
+    with torch.no_grad():
+        out, out_len = enc(batch, torch.tensor(lengths))
+        assert out.shape == (3, 150, 32) and out_len.tolist() == [150, 109, 26]
+        for i, c in enumerate(clips):
+            alone, n = enc(c[None])
+            assert n.tolist() == [out_len[i].item()]
+            assert max_diff(out[i, :n[0]], alone[0]) < 1e-5
+        # padded mode ignores lengths (the reference attends over padding) but still reports them
+        full, full_len = enc(torch.randn(1, 80, 3000), torch.tensor([400]))
+        assert full.shape == (1, 1500, 32) and full_len.tolist() == [200]
+    with pytest.raises(ValueError, match="80"):
+        enc(torch.randn(1, 128, 100))
+
+
+def test_whisper_sharded_checkpoint(whisper80, tmp_path):
+    hf, ours, _ = whisper80
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    sharded = WhisperEncoder.from_pretrained(tmp_path, device="cpu")
+    for (n, a), (_, b) in zip(ours.state_dict().items(), sharded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------- decoder
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def hf_decoder(kind, **over):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None, rms_norm_eps=1e-5)
+    common.update(over)
+    torch.manual_seed(1)
+    if kind == "qwen2":      # untied, q/k/v bias, GQA
+        cfg = transformers.Qwen2Config(**{"tie_word_embeddings": False, "rope_theta": 1e4, **common})
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:                    # tied, llama3 rope scaling, GQA
+        cfg = transformers.LlamaConfig(**{"tie_word_embeddings": True, "rope_scaling": dict(LLAMA3_ROPE),
+                                          "rope_theta": 5e5, **common})
+        model = transformers.LlamaForCausalLM(cfg)
+    randomize(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pair(request, tmp_path_factory):
+    hf = hf_decoder(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    return hf, Decoder.from_pretrained(folder, device="cpu"), folder
+
+
+def hf_greedy(hf, ids, n, mask=None):
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=n,
+                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def test_config_and_weights(pair):
+    hf, ours, _ = pair
+    cfg = ours.cfg
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab_size) == (32, 2, 4, 2, 48, VOCAB)
+    assert cfg.norm_eps == 1e-5 and ours.tok_embeddings.weight.dtype == torch.float32
+    if cfg.model_type == "llama":
+        assert cfg.tie_embeddings and ours.lm_head.weight is ours.tok_embeddings.weight
+        assert cfg.rope_theta == 5e5 and cfg.rope_scaling["rope_type"] == "llama3"
+        plain = rope_inv_freq(DecoderConfig(**{**cfg.__dict__, "rope_scaling": None}))
+        assert not torch.allclose(ours.inv_freq, plain)      # the scaling really changes the frequencies
+        assert max_diff(ours.inv_freq, hf.model.rotary_emb.inv_freq) < 1e-9
+    else:
+        assert cfg.qkv_bias and not cfg.tie_embeddings and ours.lm_head.weight is not ours.tok_embeddings.weight
+
+
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    tokens = torch.randint(0, VOCAB, (2, 40))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = ours(tokens)
+        assert max_diff(got, want) < TOL
+        assert max_diff(ours(embeds=ours.embed(tokens)), want) < TOL
+        # padding, left in row 0 and right in row 1: positions count real tokens only
+        valid = torch.ones(2, 40, dtype=torch.bool)
+        valid[0, :7] = False
+        valid[1, 30:] = False
+        pos = (valid.cumsum(1) - 1).clamp(min=0)
+        want = hf(tokens, attention_mask=valid.long(), position_ids=pos).logits
+        got = ours(tokens, valid=valid)
+        assert not got.isnan().any()
+        assert max_diff(got[valid], want[valid]) < TOL
+        assert max_diff(ours(tokens, valid=valid, logits_at=valid), want[valid]) < TOL
+        # logits_at variants
+        full = ours(tokens)
+        assert max_diff(ours(tokens, logits_at="last"), full[:, -1]) < 1e-6
+        hidden = ours(tokens, logits_at="hidden")
+        assert hidden.shape == (2, 40, 32) and max_diff(ours.lm_head(hidden), full) < 1e-6
+        with pytest.raises(ValueError, match="logits_at"):
+            ours(tokens, logits_at="first")
+
+
+def test_greedy_generate_matches_transformers(pair):
+    hf, ours, _ = pair
+    prompt = torch.randint(0, VOCAB, (1, 9))
+    got = ours.generate(prompt, max_new_tokens=20)
+    want = hf_greedy(hf, prompt, 20)
+    assert len(got[0]) == 20 and got == want
+    assert ours.generate(embeds=ours.embed(prompt), max_new_tokens=20) == want    # the speech path
+
+
+def test_cached_decoding_equals_uncached(pair):
+    _, ours, _ = pair
+    tokens = torch.randint(0, VOCAB, (2, 30))
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :5] = False                              # left padding carried through the cache
+    with torch.no_grad():
+        full = ours(tokens, valid=valid)
+        cache = ours.new_cache(2, 32)
+        steps = [ours(tokens[:, :12], valid=valid[:, :12], cache=cache)]
+        steps += [ours(tokens[:, i:i + 1], cache=cache) for i in range(12, 20)]
+        steps.append(ours(tokens[:, 20:], cache=cache))
+    assert cache.len == 30 and cache.pos.tolist() == [30, 25]
+    got = torch.cat(steps, 1)
+    assert max_diff(got[valid], full[valid]) < TOL
+    with pytest.raises(ValueError, match="KV cache"):
+        ours(tokens[:, :3], cache=cache)
+
+
+def test_left_padded_batch_generate_equals_single(pair):
+    hf, ours, _ = pair
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (11, 6, 9)]
+    batch = torch.zeros(3, 11, dtype=torch.long)
+    valid = torch.zeros(3, 11, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        batch[i, 11 - len(p):] = p
+        valid[i, 11 - len(p):] = True
+    got = ours.generate(batch, valid=valid, max_new_tokens=12)
+    for i, p in enumerate(prompts):
+        single = ours.generate(p[None], max_new_tokens=12)
+        assert got[i] == single[0] == hf_greedy(hf, p[None], 12)[0]
+
+
+def test_stop_ids_sampling_and_streaming(pair):
+    _, ours, _ = pair
+    prompt = torch.randint(0, VOCAB, (2, 5))
+    greedy = ours.generate(prompt, max_new_tokens=10)
+    stop = greedy[0][4]
+    cut = greedy[0].index(stop)
+    seen = []
+    got = ours.generate(prompt, max_new_tokens=10, stop_ids=[stop], on_token=lambda ids: seen.append(ids.tolist()))
+    assert got[0] == greedy[0][:cut]
+    assert seen[cut][0] == -1 and all(s[0] == -1 for s in seen[cut:])
+    assert [s[1] for s in seen if s[1] >= 0] == got[1]
+    # sampling: seeded runs repeat, top_k=1 and a tiny top_p are greedy
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a = ours.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g())
+    assert a == ours.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g())
+    assert ours.generate(prompt, max_new_tokens=10, temperature=0.7, top_k=1, generator=g()) == greedy
+    assert ours.generate(prompt, max_new_tokens=10, temperature=0.7, top_p=1e-6, generator=g()) == greedy
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    gen = g()
+    assert {sample(logits, 1.0, top_k=2, generator=gen).item() for _ in range(50)} == {2, 3}
+    assert {sample(logits, 1.0, top_p=0.9, generator=gen).item() for _ in range(50)} == {1, 2, 3}
+    assert sample(logits).tolist() == [3]
+
+
+def test_lora_mask_is_visible_during_forward_only(pair):
+    _, ours, _ = pair
+    tokens = torch.randint(0, VOCAB, (1, 4))
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    seen = []
+    h = ours.layers[0].attention.register_forward_hook(lambda *a: seen.append(ours.ctx.lora_mask))
+    with torch.no_grad():
+        ours(tokens, lora_mask=mask)
+    ours.generate(tokens, lora_mask=mask, max_new_tokens=3)
+    h.remove()
+    assert seen[0] is mask and seen[1] is mask and seen[2] is None and seen[3] is None   # prefill only
+    assert ours.ctx.lora_mask is None
+
+
+def test_sharded_checkpoint_and_dtype(pair, tmp_path):
+    hf, ours, _ = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    sharded = Decoder.from_pretrained(tmp_path, device="cpu")
+    tokens = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(sharded(tokens), ours(tokens))
+    half = Decoder.from_pretrained(tmp_path, dtype="bf16", device="cpu")
+    assert half.tok_embeddings.weight.dtype == torch.bfloat16 and half.inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        assert max_diff(half(tokens), ours(tokens)) < 0.5
+
+
+# ----------------------------------------------------------------------------- Qwen-1 layout
+
+def test_qwen1_layout_loads_and_matches(tmp_path):
+    hf = hf_decoder("qwen2", num_key_value_heads=4)      # Qwen-1 has no GQA
+    sd = hf.state_dict()
+    q1 = {"transformer.wte.weight": sd["model.embed_tokens.weight"], "transformer.ln_f.weight": sd["model.norm.weight"],
+          "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(2):
+        a, b = f"model.layers.{i}.", f"transformer.h.{i}."
+        for p in ("weight", "bias"):
+            q1[b + f"attn.c_attn.{p}"] = torch.cat([sd[a + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
+        q1[b + "attn.c_proj.weight"] = sd[a + "self_attn.o_proj.weight"]
+        q1[b + "mlp.w1.weight"] = sd[a + "mlp.up_proj.weight"]
+        q1[b + "mlp.w2.weight"] = sd[a + "mlp.gate_proj.weight"]
+        q1[b + "mlp.c_proj.weight"] = sd[a + "mlp.down_proj.weight"]
+        q1[b + "ln_1.weight"] = sd[a + "input_layernorm.weight"]
+        q1[b + "ln_2.weight"] = sd[a + "post_attention_layernorm.weight"]
+    save_file({k: v.contiguous() for k, v in q1.items()}, tmp_path / "model.safetensors")
+    config = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": VOCAB, "hidden_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "kv_channels": 8, "intermediate_size": 96,
+              "layer_norm_epsilon": 1e-5, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": 2048,
+              "no_bias": True, "tie_word_embeddings": False, "use_dynamic_ntk": True, "use_logn_attn": True,
+              "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    ours = Decoder.from_pretrained(tmp_path, device="cpu")
+    assert ours.cfg.model_type == "qwen" and ours.cfg.ffn_dim == 48 and ours.cfg.eos_token_id == [7]
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        assert max_diff(ours(tokens), hf(tokens).logits) < TOL
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+
+@pytest.mark.parametrize("fault", ["missing", "unexpected", "shape"])
+def test_bad_checkpoint_names_the_key(fault, pair, tmp_path):
+    _, _, folder = pair
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    key = "model.layers.1.self_attn.k_proj.weight"
+    if fault == "missing":
+        del sd[key]
+    elif fault == "unexpected":
+        key = "model.layers.1.mlp.extra.weight"
+        sd[key] = torch.zeros(2)
+    else:
+        sd[key] = sd[key][:-1]
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match=re.escape(key)) as err:
+        Decoder.from_pretrained(tmp_path, device="cpu")
+    assert str(tmp_path) in str(err.value)
+
+
+def test_bad_whisper_checkpoint_names_the_key(whisper80, tmp_path):
+    _, _, folder = whisper80
+    sd = load_file(os.path.join(folder, "model.safetensors"))
+    key = "model.encoder.layers.0.fc1.bias"
+    del sd[key]
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError, match=re.escape(key)):
+        WhisperEncoder.from_pretrained(tmp_path, device="cpu")
+
+
+def test_config_errors_and_helpers():
+    with pytest.raises(ValueError, match="gpt2"):
+        DecoderConfig.from_hf({"model_type": "gpt2", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1,
+                               "num_attention_heads": 2})
+    cfg = DecoderConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "intermediate_size": 16, "rope_theta": 5e5,
+                                 "rope_scaling": dict(LLAMA3_ROPE), "eos_token_id": [3, 4]})
+    assert cfg.rope_theta == 5e5 and cfg.rope_scaling["factor"] == 8.0 and cfg.eos_token_id == [3, 4]
+    assert WhisperConfig.from_hf({"num_mel_bins": 128, "max_source_positions": 1500, "d_model": 1280,
+                                  "encoder_attention_heads": 20, "encoder_layers": 32,
+                                  "encoder_ffn_dim": 5120}) == WhisperConfig(128, 1500, 1280, 20, 32, 5120)
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    assert parse_dtype(None) is None and parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="fp8"):
+        parse_dtype("fp8")
+    assert pick_device("cpu") == torch.device("cpu") and isinstance(pick_device(), torch.device)
