@@ -25,6 +25,14 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s chunk
 EMOTIONS = ["neutral", "happy", "angry", "sad", "surprise"]  # label ids 0..4, the release's order
 SYSTEM_PROMPT = "You are a helpful assistant."
 EMOTION_SYSTEM_PROMPT = SYSTEM_PROMPT + " Your response should fulfill requests with empathy toward user's emotion tone."
+# The paper's instructions (DESIGN.md). Stage 1: the LLM continues the transcript, the speech model the speech.
+CONTINUE = "Continue the following sentence in a coherent style: "
+# Stage 2: the LLM is told the label; the speech model must hear it (the label is not in its prompt).
+CONTINUE_WITH_EMOTION = "Continue the following sentence that reflects a '{emotion}' emotion tone in a coherent style: "
+CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed emotion tone in a coherent style: "
+# The authors' SER question for evaluation.
+SER_QUESTION = ("Please identify the emotion tone of the speech provided below. Select from the following "
+                "options: neutral, sad, angry, happy, or surprise.\n\nSpeech: ")
 SPEECH = -1  # one speech slot in a token list; the SpeechLM splices the adapter's embeddings in there
 IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
@@ -394,6 +402,16 @@ def pad_batch(rows, pad_id, labels=None, side="right"):
         if labels is not None:
             lab[b, cols] = torch.tensor(labels[b], dtype=torch.long)
     return ids, lab, valid
+
+
+def emotion_label(name, mapping=None, where="manifest"):
+    """An emotion name -> its id in EMOTIONS, after folding a dataset's own labels through mapping
+    (e.g. {"excited": "happy", "frustrated": "angry"}). Unknown names are an error listing the allowed ones."""
+    e = (mapping or {}).get(name, name)
+    if e not in EMOTIONS:
+        raise ValueError(f"{where}: unknown emotion {name!r}; allowed: {', '.join(EMOTIONS)} "
+                         f"(fold other labels in with --map=\"{{'{name}': 'happy'}}\")")
+    return EMOTIONS.index(e)
 
 
 def read_manifest(path):

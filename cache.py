@@ -1,0 +1,166 @@
+"""What both training stages compute once from the frozen networks, and keep on disk.
+
+1. Encoder features. Whisper is frozen in both stages, so its output for a clip never changes:
+   encode each clip once (real-frames mode by default: a 3 s clip costs a tenth of a 30 s one) and
+   store it as fp16, keyed by the clip's bytes on disk, the encoder and the mode. Every epoch, both
+   stages and the evaluation then read the cache (CALIBRATION.md: the encoder is the hidden cost).
+2. Continuation targets. The frozen LLM writes the response the speech model must learn to give:
+   a plain continuation of the transcript (stage 1) or an emotion-aware one (stage 2). Generation is
+   the slow part, so results are appended line by line to a JSON-lines file: a rerun continues where
+   the last one stopped and never redoes a finished line.
+"""
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data import AudioError, N_SAMPLES, load_audio, log_mel, n_frames
+
+# Refusals are dropped from the targets (DESIGN.md, stage 1): a speech model trained to refuse learns nothing.
+REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
+            "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
+
+
+def _warn(msg):
+    tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
+def encoder_id(folder, padded):
+    """Names an encoder + mode for cache keys: its folder's config and weights' sizes/mtimes."""
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(folder)):
+        p = os.path.join(folder, name)
+        if os.path.isfile(p):
+            st = os.stat(p)
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    h.update(b"padded" if padded else b"real")
+    return h.hexdigest()[:16]
+
+
+def _clip_key(path, enc_id):
+    st = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=8, device="cpu", dtype=torch.float32):
+    """Encoder output (T_i, d_enc) fp16 on the CPU for each path; None for a clip that cannot be read.
+
+    Bad clips (missing, not audio, empty) are warned about by name and returned as None: the caller
+    counts and skips them, it never crashes a long run and never drops a line silently.
+    Clips over 30 s are cut to 30 s (Whisper's window), with a warning.
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    out, todo = [None] * len(paths), []
+    for i, p in enumerate(paths):
+        try:
+            f = os.path.join(cache_dir, _clip_key(p, enc_id) + ".safetensors")
+        except OSError:
+            _warn(f"{p}: no such audio file, skipped")
+            continue
+        if os.path.exists(f):
+            out[i] = load_file(f)["feats"]
+        else:
+            todo.append((i, p, f))
+    # Sorting by length keeps padding (wasted work) small inside each batch.
+    audios = {}
+    for i, p, _ in todo:
+        try:
+            a = load_audio(p)
+        except AudioError as e:
+            _warn(f"{e}; skipped")
+            continue
+        if a.numel() > N_SAMPLES:
+            _warn(f"{p}: {a.numel() / 16000:.1f} s is longer than Whisper's 30 s window; cut to 30 s")
+            a = a[:N_SAMPLES]
+        audios[i] = a
+    todo = sorted([t for t in todo if t[0] in audios], key=lambda t: audios[t[0]].numel())
+    n_mels = encoder.cfg.n_mels
+    for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
+        chunk = todo[b:b + batch_size]
+        clips = [audios[i] for i, _, _ in chunk]
+        if padded:
+            mel = torch.stack([log_mel(a, n_mels, pad_to_30s=True) for a in clips])
+            lengths = torch.tensor([n_frames(a.numel()) for a in clips])
+        else:
+            mels = [log_mel(a, n_mels, pad_to_30s=False) for a in clips]
+            lengths = torch.tensor([m.shape[-1] for m in mels])
+            mel = torch.zeros(len(mels), n_mels, int(lengths.max()))
+            for j, m in enumerate(mels):
+                mel[j, :, :m.shape[-1]] = m
+        x, out_len = encoder(mel.to(device, dtype), lengths.to(device))
+        for j, (i, _, f) in enumerate(chunk):
+            feats = x[j, :int(out_len[j])].to("cpu", torch.float16).contiguous()
+            save_file({"feats": feats}, f + ".tmp")
+            os.replace(f + ".tmp", f)   # atomic: an interrupted run never leaves half a file
+            out[i] = feats
+    return out
+
+
+def with_features(model, rows, padded=False, cache_dir=".cache/features"):
+    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped)."""
+    feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
+                         encoder_id(model.config["whisper"], padded), padded=padded,
+                         device=model.decoder.tok_embeddings.weight.device)
+    kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
+    return kept, len(rows) - len(kept)
+
+
+def is_refusal(text):
+    t = text.lower()
+    return any(r in t for r in REFUSALS)
+
+
+@torch.no_grad()
+def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=16, device="cpu"):
+    """The frozen LLM's greedy continuation for each item, cached in `path` (JSON lines).
+
+    build_prompt(item) -> chat messages. Each cached line is {"key", "target", "truncated"} where key
+    identifies the item and its prompt, so changing the instruction never reuses stale targets.
+    Returns {key: record}; refusals are recorded (so they are not regenerated) but flagged.
+    """
+    done = {}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue   # a line cut by a kill: regenerate it
+                    done[r["key"]] = r
+    prompts = {}
+    for it in items:
+        msgs = build_prompt(it)
+        key = hashlib.sha1(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
+        it["target_key"] = key
+        if key not in done:
+            prompts[key] = msgs
+    todo = list(prompts.items())
+    todo.sort(key=lambda kv: len(json.dumps(kv[1])))   # similar lengths batch with less padding
+    with open(path, "a") as f:
+        for b in tqdm(range(0, len(todo), batch_size), desc="LLM targets", unit="batch", disable=not todo):
+            chunk = todo[b:b + batch_size]
+            rows = [tok.encode_chat(m) for _, m in chunk]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+            valid = torch.zeros(len(rows), width, dtype=torch.bool)
+            for j, r in enumerate(rows):   # left padding: every row's last token is the prompt's end
+                ids[j, width - len(r):] = torch.tensor(r)
+                valid[j, width - len(r):] = True
+            new = decoder.generate(ids.to(device), valid=valid.to(device), max_new_tokens=max_new_tokens,
+                                   stop_ids=tok.eos_ids)
+            for (key, _), toks in zip(chunk, new):
+                text = tok.decode(toks).strip()
+                rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens,
+                       "refusal": is_refusal(text)}
+                f.write(json.dumps(rec) + "\n")
+                done[key] = rec
+            f.flush()
+    return done

@@ -1,0 +1,208 @@
+"""Talk to BLSP-Emo: it hears a clip (the words *and* the tone) and answers, streamed token by token.
+
+    python chat.py clip.wav                          # one reply, from runs/emotion (what train_emotion.py wrote)
+    python chat.py a.wav b.flac --ser                # several clips, batched; --ser adds the emotion head's guess
+    python chat.py                                   # multi-turn: type text, or /audio path.wav (or a bare path)
+    python chat.py clip.wav --ckpt runs/blsp-emo-release --emotion --dtype bf16
+
+Clips longer than Whisper's 30 s window are cut to their first 30 s (said on stderr). Bad input gets
+one line on stderr and exit code 2.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, SYSTEM_PROMPT,
+                  AudioError, load_audio)
+
+# What a speech turn asks, per run stage: our runs were trained on continuations; the release follows
+# spoken instructions as they are.
+INSTRUCTIONS = {"semantic": CONTINUE, "emotion": CONTINUE_HEARD_EMOTION, "release": ""}
+
+
+class InputError(Exception):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def read_clip(path):
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        audio = load_audio(path)
+    except AudioError as e:
+        raise InputError(str(e)) from None
+    if audio.abs().max() < 1e-4:
+        raise InputError(f"{path}: the clip is silent (peak amplitude {audio.abs().max():.1e})")
+    if audio.numel() > 30 * 16000:
+        print(f"note: {path} is {audio.numel() / 16000:.1f} s; only its first 30 s are heard (Whisper's window)",
+              file=sys.stderr)
+        audio = audio[:30 * 16000]
+    return audio
+
+
+class Streamer:
+    """Prints one row's tokens as they come; decodes the whole reply each time so multi-byte characters
+    split across tokens print only once complete."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown, self.t_first = tok, [], "", None
+
+    def __call__(self, ids):
+        t = int(ids[0])
+        if t < 0:
+            return
+        if self.t_first is None:
+            self.t_first = time.time()
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+
+def reply(model, args, history, feats, stream=True):
+    gen = torch.Generator(device=model.decoder.tok_embeddings.weight.device).manual_seed(args.seed)
+    streamer = Streamer(model.tok) if stream else None
+    t0 = time.time()
+    new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, on_token=streamer, generator=gen)
+    if args.verbose and streamer is not None:
+        n, dt = len(new[0]), time.time() - t0
+        ttft = (streamer.t_first or time.time()) - t0
+        rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
+        print(f"\n[{n} tokens; time to first token {ttft:.2f} s; {rate:.1f} tokens/s]", file=sys.stderr, end="")
+    return [model.tok.decode(t).strip() for t in new]
+
+
+def ser_line(model, feats):
+    emb, lengths = model.speech_embeds(feats)
+    probs = model.emotion_logits(emb, lengths).float().softmax(-1)
+    return ["emotion head: " + ", ".join(f"{e} {p:.0%}" for e, p in sorted(zip(EMOTIONS, row.tolist()), key=lambda x: -x[1]))
+            for row in probs]
+
+
+def budget_trim(model, history, feats, max_new_tokens):
+    """Drops the oldest user/assistant turns until the prompt plus the reply fit the context window."""
+    limit = model.decoder.cfg.max_seq_len - max_new_tokens
+    def size():
+        rows = model.tok.encode_chat(history)
+        n_speech = sum(int((f.shape[0] - 1) // 8 + 1) for f in feats)   # the adapter's x8 reduction, roughly
+        return len(rows) - rows.count(SPEECH) + n_speech
+    while size() > limit and len(history) > 2:
+        first = next(i for i, m in enumerate(history) if m["role"] != "system")
+        drop = history[first]
+        n_slots = drop["content"].count(SPEECH) if isinstance(drop["content"], list) else 0
+        del history[first]
+        del feats[:n_slots]
+        if first < len(history) and history[first]["role"] == "assistant":
+            del history[first]
+
+
+def interactive(model, args, system, instruction):
+    history, feats = [{"role": "system", "content": system}], []
+    print("type a message, or /audio PATH (a bare path to a clip works too); /reset clears, /quit ends", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history, feats = history[:1], []
+            continue
+        path = line[len("/audio"):].strip() if line.startswith("/audio") else line if os.path.isfile(line) else None
+        if path is not None:
+            try:
+                clip = read_clip(path)
+            except InputError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            feats.append(model.encode_audio([clip])[0])
+            history.append({"role": "user", "content": [instruction, SPEECH] if instruction else [SPEECH]})
+            if args.ser:
+                print(ser_line(model, feats[-1:])[0])
+        else:
+            history.append({"role": "user", "content": line})
+        budget_trim(model, history, feats, args.max_new_tokens)
+        print("assistant: ", end="", flush=True)
+        answer = reply(model, args, history, feats)[0]
+        print()
+        history.append({"role": "assistant", "content": answer})
+
+
+def weights_gb(run_dir, whisper=None, llm=None):
+    """Bytes of weights a run loads (its own + its encoder and LLM folders), before loading them."""
+    import json
+    try:
+        cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    except (OSError, ValueError):
+        return None
+    folders = [run_dir] + [p if os.path.isabs(p) else os.path.join(run_dir, p)
+                           for p in (whisper or cfg.get("whisper"), llm or cfg.get("llm")) if p]
+    return sum(os.path.getsize(os.path.join(d, f)) for d in folders if os.path.isdir(d)
+               for f in os.listdir(d) if f.endswith(".safetensors")) / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="*", help="audio clips to answer (none: interactive)")
+    p.add_argument("--ckpt", default="runs/emotion", help="run folder (config.json + model.safetensors)")
+    p.add_argument("--whisper", default=None, help="override the run's Whisper folder")
+    p.add_argument("--llm", default=None, help="override the run's LLM folder")
+    p.add_argument("--system", default=None)
+    p.add_argument("--instruction", default=None, help="text before the speech in a speech turn")
+    p.add_argument("--emotion", action="store_true", help="the empathy system prompt (BLSP-Emo's)")
+    p.add_argument("--ser", action="store_true", help="print the emotion head's prediction too")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    p.add_argument("--verbose", action="store_true", help="time to first token and tokens/s")
+    args = p.parse_args(argv)
+    from adapter import SpeechLM   # imported late: --help answers at once
+    try:
+        clips = [read_clip(f) for f in args.files]   # check the input before spending seconds on loading
+        gb = weights_gb(args.ckpt, args.whisper, args.llm)
+        if gb and (gb > 2 or args.verbose):   # the release (Qwen-7B + whisper-large) needs ~17 GB in bf16
+            print(f"loading {gb:.1f} GB of weights from {args.ckpt} (as stored; fp32 doubles a bf16 checkpoint)",
+                  file=sys.stderr)
+        model = SpeechLM.from_run(args.ckpt, device=args.device, dtype=args.dtype, whisper=args.whisper, llm=args.llm)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {str(e).strip(chr(34) + chr(39))}", file=sys.stderr)
+        return 2
+    if args.ser and model.emotion_head is None:
+        print(f"error: {args.ckpt} has no emotion head (a stage-1 run): drop --ser", file=sys.stderr)
+        return 2
+    stage = model.config.get("stage", "emotion")
+    system = args.system or (EMOTION_SYSTEM_PROMPT if args.emotion or stage in ("emotion", "release") else SYSTEM_PROMPT)
+    instruction = args.instruction if args.instruction is not None else INSTRUCTIONS.get(stage, "")
+    if not clips:
+        interactive(model, args, system, instruction)
+        return 0
+    feats = model.encode_audio(clips)
+    user = [instruction, SPEECH] if instruction else [SPEECH]
+    convs = [[{"role": "system", "content": system}, {"role": "user", "content": user}] for _ in clips]
+    sers = ser_line(model, feats) if args.ser else [None] * len(clips)
+    if len(clips) == 1:
+        if sers[0]:
+            print(sers[0])
+        reply(model, args, convs[0], feats)
+        print()
+        return 0
+    for f, text, s in zip(args.files, reply(model, args, convs, feats, stream=False), sers):
+        print(f"== {f}" + (f"\n{s}" if s else "") + f"\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        sys.exit(main())
