@@ -11,6 +11,7 @@ learns; Whisper and the LLM stay frozen.
 """
 import json
 import os
+import resource
 import sys
 
 import torch
@@ -116,7 +117,8 @@ def main():
         summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
         if start is not None:
             summary.update(kl_start=start["kl"], ce_start=start["ce"])
-        summary.update(kl_end=result["eval"].get("kl"), ce_end=result["eval"].get("ce"), steps=result["step"])
+        summary.update(kl_end=result["eval"].get("kl"), ce_end=result["eval"].get("ce"), steps=result["step"],
+                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
         print(f"held-out kl {summary.get('kl_start', float('nan')):.4f} -> {summary['kl_end']:.4f}; "
