@@ -164,3 +164,19 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
                 done[key] = rec
             f.flush()
     return done
+
+
+def training_items(rows, targets, make_examples, n_unreadable, where):
+    """Rows (with features and target_key) + make_targets' records -> training items: each row with its
+    "target" and the examples make_examples(row, record) returns (a dict). Refusals and empty targets are
+    dropped and counted, never silently: the count is printed with the unreadable clips'."""
+    items, skipped = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}
+    for row in rows:
+        t = targets[row["target_key"]]
+        why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
+        if why:
+            skipped[why] += 1
+            continue
+        items.append(dict(row, target=t["target"], **make_examples(row, t)))
+    print(f"{where}: {len(items)} items; skipped {skipped}")
+    return items

@@ -41,10 +41,10 @@ emotion_loss_weight = 1.0       # the paper: an unweighted sum; 0 trains on the 
 lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
-# CPU recipe: steps of the emotion loss alone (adapter + head on cached features, no LLM: milliseconds
-# each) before the joint loop, so the head sees thousands of clips where the joint loop sees hundreds.
-# 0 = the paper's recipe exactly.
-head_warmup_steps = 200
+# CPU recipe: steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM:
+# about 2.5 s each on 2 cores) before the joint loop, so the head has seen 1,280 clips before the joint
+# loop's first step (measured: train accuracy 0.94 after 25 steps, 1.00 by 150). 0 = the paper's recipe exactly.
+head_warmup_steps = 40
 head_warmup_lr = 1e-3
 max_train = 0
 max_eval = 0
@@ -53,7 +53,7 @@ eval_only = False
 # a CPU run has ~1,000 clips and a few hundred steps.
 batch_size = 8
 grad_accum = 1
-max_steps = 300
+max_steps = 150
 epochs = 1.0
 lr = 5e-4
 min_lr = 5e-5
@@ -62,7 +62,7 @@ weight_decay = 0.05
 grad_clip = 1.0
 autocast = True
 log_interval = 10
-eval_interval = 100
+eval_interval = 50
 ckpt_interval = 50
 keep_last = 2
 resume = False
@@ -87,17 +87,10 @@ def load_items(model, manifest, limit, run_dir, with_targets=True):
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
-    items, skipped = [], {"unreadable audio": n_bad, "refusal": 0, "empty target": 0}
-    for row in rows:
-        t = targets[row["target_key"]]
-        why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
-        if why:
-            skipped[why] += 1
-            continue
-        student = make_example(model.tok, EMOTION_SYSTEM_PROMPT, [CONTINUE_HEARD_EMOTION, SPEECH], t["target"], t["truncated"])
-        items.append(dict(row, target=t["target"], student=student))
-    print(f"{manifest}: {len(items)} items; skipped {skipped}")
-    return items
+    def examples(row, t):
+        return dict(student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, [CONTINUE_HEARD_EMOTION, SPEECH],
+                                         t["target"], t["truncated"]))
+    return cache.training_items(rows, targets, examples, n_bad, manifest)
 
 
 def losses(model, batch):
