@@ -92,8 +92,19 @@ class LoRALinear(nn.Linear):
             return y
         if mask.shape != x.shape[:-1]:
             raise ValueError(f"LoRALinear: lora_mask {tuple(mask.shape)} does not match the input {tuple(x.shape[:-1])}")
-        d = F.linear(F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + d * (self.scale * mask[..., None].to(d.dtype))
+        # The delta only at the rows where the mask is non-zero (the speech: about a fifth of a training
+        # prompt, and only while the prompt is read): the same numbers as a full-size delta times the mask,
+        # for a fraction of the work, dropout's random draws above all (measured on SmolLM2 with LoRA on
+        # every projection, a stage-2 forward + backward of 8 x 100 tokens: 4.3-4.9 s -> 2.5-3.5 s on 2
+        # cores). The rows are found once per mask and shared by every LoRA layer of the forward.
+        cached = getattr(self.ctx, "lora_rows", None)
+        if cached is None or cached[0] is not mask:
+            self.ctx.lora_rows = cached = (mask, mask.reshape(-1).nonzero().squeeze(1))
+        rows = cached[1]
+        xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        d = d * (self.scale * mask.reshape(-1)[rows, None].to(d.dtype))
+        return y.reshape(-1, y.shape[-1]).index_add(0, rows, d.to(y.dtype)).view_as(y)
 
 
 def add_lora(decoder, r=16, alpha=16, dropout=0.05, targets=("wqkv", "wo", "w_gate", "w_up", "w_down")):
