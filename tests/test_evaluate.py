@@ -93,6 +93,20 @@ def test_ser_eval_counts_scripted_replies(model, monkeypatch):
     assert [r["emotion"] for r in res["replies"]] == [EMOTIONS[it["label"]] for it in its]
 
 
+def test_text_oracle_tells_the_label_and_counts(model, monkeypatch):
+    its = items(1)                                         # labels 0..4, texts "sentence 0"
+    asked = []
+
+    def fake_text_replies(m, texts, system, instruction, max_new_tokens, batch_size=16):
+        asked.append((system, instruction, texts))
+        return ["It is neutral.", "sad", "The tone is angry.", "no idea", "Surprise!"]
+    monkeypatch.setattr(ev, "text_replies", fake_text_replies)
+    assert ev.ser_text_oracle(model, its) == pytest.approx(3 / 5)
+    (system, instruction, texts), = asked
+    assert (system, instruction) == (ev.SYSTEM_PROMPT, ev.SER_QUESTION)
+    assert texts == [f"sentence 0 (said in a {e} tone)" for e in EMOTIONS]
+
+
 def test_ser_eval_on_a_tiny_model_is_consistent(model, capsys):
     its = items(2, seed=3)                                 # 10 clips, batches of 4: a ragged last batch
     res = ev.ser_eval(model, its, batch_size=4, max_new_tokens=6)

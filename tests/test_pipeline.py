@@ -90,10 +90,11 @@ def test_end_to_end_smoke(tmp_path):
     for k in ("kl_start", "kl_end"):
         assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r[k])
     assert r["kl_end"] < r["kl_start"]                 # 8 steps at a high rate already bring it down
-    for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1", "tone_differ"):
+    for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1", "ser_text_oracle", "tone_differ"):
         assert isinstance(r[k], (int, float)) and 0.0 <= r[k] <= 1.0, (k, r[k])
     # accuracies are fractions of the 20 held-out clips; the tone table has both held-out sentences
-    assert all(round(r[k] * 20, 6) == int(round(r[k] * 20)) for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1"))
+    assert all(round(r[k] * 20, 6) == int(round(r[k] * 20)) for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1",
+                                                                   "ser_text_oracle"))
     assert len(r["tone"]) == 2 and round(r["tone_differ"] * 2, 6) in (0.0, 1.0, 2.0)
     assert sum(map(sum, r["ser_confusion"])) == 20 and set(r["ser_recall"]) == set(data.EMOTIONS)
     assert 0 < r["wall_s"] <= elapsed + 1 and r["wall_s"] >= r["eval_s"]   # --started: the whole run
@@ -103,7 +104,7 @@ def test_end_to_end_smoke(tmp_path):
     md = (runs / "demo" / "report.md").read_text()
     assert f"{r['kl_start']:.3f} at step 0 -> {r['kl_end']:.3f}" in md and "same words, different tone" in md
     assert (runs / "demo" / "confusion.png").is_file()
-    assert "free-text accuracy" in ev.stdout
+    assert "free-text accuracy" in ev.stdout and "the LLM told the emotion in words" in ev.stdout
 
     # chat.py on a held-out clip with the stage-2 run
     head, reply = chat.stdout.split("\n", 1)
