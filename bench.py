@@ -139,33 +139,6 @@ def hf_causal_lm(kw, model_type, folder, device, dtype):
 
 
 # ----------------------------------------------------------------------------- 1. log-mel
-def log_mel_skip_silence(audio, n_mels=80):
-    """Prototype of a change proposed for data.log_mel(pad_to_30s=True): the same (n_mels, 3000) output,
-    but the STFT, mel and log run only over the frames whose window touches the clip. A frame lying wholly
-    in the zero padding has power exactly 0, so its value is the clamp's log floored at max - 8, one
-    constant per clip, filled in without an FFT. The frames at the clip's end still see zeros past it
-    (the clip is padded by N_FFT before the STFT), so every value equals the full computation's, up to
-    the power's rounding (below)."""
-    import data
-    audio = torch.as_tensor(audio, dtype=torch.float32)
-    n = audio.shape[-1]
-    if n + data.N_FFT > data.N_SAMPLES:
-        return data.log_mel(audio, n_mels)
-    touched = (n + data.N_FFT // 2 + data.HOP_LENGTH - 1) // data.HOP_LENGTH
-    x = F.pad(audio, (0, data.N_FFT))
-    stft = torch.stft(x, data.N_FFT, data.HOP_LENGTH, window=torch.hann_window(data.N_FFT, device=x.device),
-                      return_complex=True)[..., :touched]
-    # re^2 + im^2 rather than whisper's abs() ** 2: the same power to an ulp, without complex abs's sqrt
-    power = stft.real.square() + stft.imag.square()
-    log_spec = (data.mel_filters(n_mels, x.device) @ power).clamp(min=1e-10).log10()
-    silent = torch.tensor(1e-10, device=x.device).log10()          # what a silent frame's log is
-    top = torch.maximum(log_spec.amax(dim=(-2, -1), keepdim=True), silent) - 8.0
-    out = log_spec.new_empty(log_spec.shape[:-1] + (data.N_FRAMES,))
-    out[..., :touched] = (torch.maximum(log_spec, top) + 4.0) / 4.0
-    out[..., touched:] = (torch.maximum(silent, top) + 4.0) / 4.0
-    return out
-
-
 def bench_log_mel(cfg, reps, device, do_profile=False, budget_s=None):
     import data
     from transformers import WhisperFeatureExtractor
@@ -178,19 +151,17 @@ def bench_log_mel(cfg, reps, device, do_profile=False, budget_s=None):
     audio_np, audio_dev, dev = audio.numpy(), audio.to(device), device.type
     fns = {"ref": lambda: fe(audio_np, sampling_rate=data.SAMPLE_RATE, return_tensors="pt", device=dev)["input_features"],
            "ours_padded": lambda: data.log_mel(audio_dev, pad_to_30s=True),
-           "ours_real": lambda: data.log_mel(audio_dev, pad_to_30s=False),
-           "proposed_padded": lambda: log_mel_skip_silence(audio_dev)}
+           "ours_real": lambda: data.log_mel(audio_dev, pad_to_30s=False)}
     r = fns["ref"]()[0].float()
-    p, q, s = (fns[k]().cpu().float() for k in ("ours_padded", "ours_real", "proposed_padded"))
+    p, q = (fns[k]().cpu().float() for k in ("ours_padded", "ours_real"))
     # real frames: the last frame's window reaches past the clip, where our reflect padding and the
     # reference's zeros differ by design, so it is left out of the comparison
     diff_pad, diff_real = (p - r).abs().max().item(), (q[:, :-1] - r[:, :q.shape[1] - 1]).abs().max().item()
     tm = ab(fns, reps, device, warmup=2, budget_s=budget_s)
     res = dict(seconds=MEL_SECONDS, frames_padded=p.shape[-1], frames_real=q.shape[-1],
                max_abs_diff_padded=diff_pad, max_abs_diff_real=diff_real,
-               max_abs_diff_proposed_vs_ours=(s - p).abs().max().item(), values_ok=max(diff_pad, diff_real) <= 1e-4,
-               **timings(tm, dict(padded=("ref", "ours_padded"), real=("ref", "ours_real"),
-                                  proposed=("ref", "proposed_padded"))))
+               values_ok=max(diff_pad, diff_real) <= 1e-4,
+               **timings(tm, dict(padded=("ref", "ours_padded"), real=("ref", "ours_real"))))
     if do_profile:
         res["profile_ours"] = profile(fns["ours_padded"], "log_mel ours (padded)")
         res["profile_ref"] = profile(fns["ref"], "log_mel transformers")
@@ -374,8 +345,7 @@ def table(results):
     if "log_mel" in results:
         r = results["log_mel"]
         rows += [(f"log-mel 10 s, {what}", f"{r['ms_' + k]:.1f} ms", f"{r['ms_ref']:.1f} ms", r, key)
-                 for k, key, what in (("ours_padded", "padded", "padded to 30 s"), ("ours_real", "real", "real frames"),
-                                      ("proposed_padded", "proposed", "padded, silent frames skipped*"))]
+                 for k, key, what in (("ours_padded", "padded", "padded to 30 s"), ("ours_real", "real", "real frames"))]
     if "encoder" in results:
         r = results["encoder"]
         rows += [("encoder 5 s, ours padded", f"{r['ms_ours_padded']:.0f} ms", f"{r['ms_ref_padded']:.0f} ms", r, "padded_vs_ref"),
@@ -397,8 +367,7 @@ def table(results):
     if "log_mel" in results:
         r = results["log_mel"]
         lines.append(f"log-mel max |ours - transformers|: padded {r['max_abs_diff_padded']:.1e}, real frames "
-                     f"{r['max_abs_diff_real']:.1e}. *bench-local prototype for data.log_mel, "
-                     f"max |it - ours padded| {r['max_abs_diff_proposed_vs_ours']:.1e}")
+                     f"{r['max_abs_diff_real']:.1e}")
     if "encoder" in results:
         lines.append(f"encoder max |ours padded - transformers|: {results['encoder']['max_abs_diff_padded_vs_ref']:.1e}")
     for sec in ("decode", "decode_small"):

@@ -88,7 +88,22 @@ def log_mel(audio, n_mels=80, pad_to_30s=True):
     if audio.dim() not in (1, 2):
         raise ValueError(f"log_mel expects (N,) or (B, N) audio, got shape {tuple(audio.shape)}")
     n = audio.shape[-1]
-    if pad_to_30s:
+    if pad_to_30s and n + N_FFT <= N_SAMPLES:
+        # A frame lying wholly in the zero padding has power exactly 0: its value is the floor, one constant
+        # per clip, so only the frames whose window touches the clip need an FFT (a 10 s clip: a third of
+        # them; 5x faster than computing all 3000, bench.py). The clip's last frames still see zeros past
+        # it, as in the padded computation, so the output is the same to the power's rounding (~1e-7).
+        touched = (n + N_FFT // 2 + HOP_LENGTH - 1) // HOP_LENGTH
+        stft = torch.stft(F.pad(audio, (0, N_FFT)), N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT, device=audio.device),
+                          return_complex=True)[..., :touched]
+        log_spec = _log10_mel(stft, n_mels)
+        silent = torch.tensor(1e-10, device=audio.device).log10()
+        top = torch.maximum(log_spec.amax(dim=(-2, -1), keepdim=True), silent) - 8.0
+        out = log_spec.new_empty(log_spec.shape[:-1] + (N_FRAMES,))
+        out[..., :touched] = torch.maximum(log_spec, top)
+        out[..., touched:] = torch.maximum(silent, top)
+        return (out + 4.0) / 4.0
+    if pad_to_30s:   # within one window of 30 s, or longer
         audio = F.pad(audio, (0, N_SAMPLES - n)) if n < N_SAMPLES else audio[..., :N_SAMPLES]
         frames = N_FRAMES
     else:
@@ -99,12 +114,16 @@ def log_mel(audio, n_mels=80, pad_to_30s=True):
             audio = F.pad(audio, (0, N_FFT // 2 + 1 - n))
     window = torch.hann_window(N_FFT, device=audio.device)
     stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # center=True, reflect
-    power = stft[..., :frames].abs() ** 2  # drop the last frame, as Whisper does
-    mel = mel_filters(n_mels, audio.device) @ power
-    log_spec = mel.clamp(min=1e-10).log10()
+    log_spec = _log10_mel(stft[..., :frames], n_mels)  # drop the last frame, as Whisper does
     # floor at max - 8 (80 dB) per clip, so batching never changes a clip's features
     log_spec = torch.maximum(log_spec, log_spec.amax(dim=(-2, -1), keepdim=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def _log10_mel(stft, n_mels):
+    # re^2 + im^2 rather than whisper's abs() ** 2: the same power to an ulp, without complex abs's sqrt
+    power = stft.real.square() + stft.imag.square()
+    return (mel_filters(n_mels, stft.device) @ power).clamp(min=1e-10).log10()
 
 
 def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
@@ -113,8 +132,8 @@ def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
     real-frames rows are right-padded with 0, what the encoder's conv1 zero padding would read there."""
     clips = [torch.as_tensor(c, dtype=torch.float32)[:N_SAMPLES] for c in clips]
     lengths = torch.tensor([n_frames(len(c)) for c in clips])
-    if pad_to_30s:
-        return log_mel(torch.stack([F.pad(c, (0, N_SAMPLES - len(c))) for c in clips]), n_mels), lengths
+    if pad_to_30s:   # each clip alone: short ones skip their silent frames (log_mel)
+        return torch.stack([log_mel(c, n_mels) for c in clips]), lengths
     mels = [log_mel(c, n_mels, pad_to_30s=False) for c in clips]
     T = max(m.shape[-1] for m in mels)
     return torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]), lengths

@@ -33,20 +33,11 @@ def test_ab_interleaves_and_returns_medians():
 
 def test_log_mel_section():
     r = bench.bench_log_mel(QUICK, reps=2, device=CPU)
-    _finite(r, ["ms_ref", "ms_ours_padded", "ms_ours_real", "ms_proposed_padded", "speedup_padded", "speedup_real",
-                "speedup_proposed", "speedup_min_padded", "ms_min_ref"])
+    _finite(r, ["ms_ref", "ms_ours_padded", "ms_ours_real", "speedup_padded", "speedup_real",
+                "speedup_min_padded", "ms_min_ref"])
     assert r["frames_padded"] == 3000 and r["frames_real"] == 1000
     # the values claim is not timing: it must hold on any machine
     assert r["max_abs_diff_padded"] <= 1e-4 and r["max_abs_diff_real"] <= 1e-4 and r["values_ok"]
-    assert r["max_abs_diff_proposed_vs_ours"] <= 1e-5
-
-
-@pytest.mark.parametrize("n", [400, 1000, 48077, 160000, 479600, 480000, 500000])
-def test_log_mel_skip_silence_equals_padded(n):
-    # the prototype proposed for data.log_mel: same output at every length, boundaries included
-    import data
-    audio = torch.randn(n) * 0.1
-    assert torch.allclose(bench.log_mel_skip_silence(audio), data.log_mel(audio), atol=1e-5, rtol=0)
 
 
 def test_encoder_section():

@@ -51,6 +51,15 @@ def test_log_mel_matches_whisper_feature_extractor(hf_fe, n_mels):
     assert lengths.tolist() == [3000, len(short) // 160]
 
 
+@pytest.mark.parametrize("n", [400, 1000, 48077, 160000, 479500, 479600, 479601, 480000, 500000])
+def test_log_mel_padded_at_every_length(hf_fe, n):
+    # short clips skip the FFT of their all-silent frames: the same values as the reference's full
+    # computation at every length, the boundaries of that shortcut (n + 400 = 480000) included
+    x = chirp_noise(n / 16000, 3)[:n]
+    ref = hf_fe[80](x, sampling_rate=16000, return_tensors="np")["input_features"][0]
+    assert np.abs(log_mel(torch.from_numpy(x)).numpy() - ref).max() < 1e-4
+
+
 def test_log_mel_real_frames(hf_fe):
     # Real-frames mode is the same definition on the unpadded clip: T = N // 160 frames, the last frame whose
     # window runs past the end is reflect-padded (torch.stft center=True) and the floor is max-8 over the clip.
