@@ -20,4 +20,11 @@ $PY prepare.py "${PREP[@]}"
 $PY train_semantic.py --whisper="$W" --llm="$L" "${TRAIN[@]}"
 $PY train_emotion.py "${TRAIN[@]}"
 $PY evaluate.py --stage1=runs/semantic --stage2=runs/emotion --out=runs/demo --started="$START"
-echo "try it:  $PY chat.py speech/emo_test/\$(ls speech/emo_test | head -1) --ser"
+# chat.py on held-out clips: one test sentence, one test voice, in a happy and in a sad voice
+for e in happy sad; do
+    clip=$(ls speech/emo_test/*_"$e".flac | head -1)
+    echo "== $PY chat.py $clip --ser"
+    $PY chat.py "$clip" --ser
+    echo
+done
+echo "report: runs/demo/report.md; try it:  $PY chat.py speech/emo_test/\$(ls speech/emo_test | head -1) --ser"
