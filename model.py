@@ -404,7 +404,8 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.tok_embeddings.weight
         # a plain fp32 tensor, not a buffer: .to(bf16) would round the frequencies and skew far positions
         self.inv_freq = rope_inv_freq(cfg)
-        self.ctx = types.SimpleNamespace(lora_mask=None)   # read by adapter.LoRALinear during forward
+        # read by adapter.LoRALinear during forward: the partial-LoRA mask and its non-zero rows, found once
+        self.ctx = types.SimpleNamespace(lora_mask=None, lora_rows=None)
 
     def embed(self, tokens):
         return self.tok_embeddings(tokens)
@@ -440,11 +441,12 @@ class Decoder(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]          # (B, 1, S, head_dim)
         cos, sin = emb.cos(), emb.sin()
         self.ctx.lora_mask = lora_mask
+        self.ctx.lora_rows = None if lora_mask is None else lora_mask.reshape(-1).nonzero().squeeze(1)
         try:
             for layer in self.layers:
                 x = layer(x, cos, sin, mask, cache)
         finally:
-            self.ctx.lora_mask = None
+            self.ctx.lora_mask = self.ctx.lora_rows = None
         if cache is not None:
             cache.len += S
             cache.pos += valid.sum(1)
