@@ -12,7 +12,6 @@ LoRA delta applies only at the speech positions, so the LLM's text behaviour is 
 """
 import json
 import os
-import resource
 import sys
 
 import torch
@@ -150,7 +149,7 @@ def main():
                                  "llm": model.config["llm"]})
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump({"steps": result["step"], **{f"eval_{k}": v for k, v in result["eval"].items()},
-                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}, f, indent=2)
+                       "peak_rss_gb": ev.peak_rss_gb()}, f, indent=2)
         print(f"held-out: {result['eval']}; wrote {out_dir}/model.safetensors")
 
 

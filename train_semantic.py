@@ -11,7 +11,6 @@ learns; Whisper and the LLM stay frozen.
 """
 import json
 import os
-import resource
 import sys
 
 import torch
@@ -20,6 +19,7 @@ import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT, make_example, read_manifest
+from evaluate import peak_rss_gb
 from trainer import TrainConfig, init_distributed, rank0_first, train
 
 # ---- settings: python train_semantic.py --key=value overrides any of these ----
@@ -111,7 +111,7 @@ def main():
         if start is not None:
             summary.update(kl_start=start["kl"], ce_start=start["ce"])
         summary.update(kl_end=result["eval"].get("kl"), ce_end=result["eval"].get("ce"), steps=result["step"],
-                       peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+                       peak_rss_gb=peak_rss_gb())
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
         print(f"held-out kl {summary.get('kl_start', float('nan')):.4f} -> {summary['kl_end']:.4f}; "
