@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import data
-from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, parse_dtype, pick_device
+from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, pick_device, pick_dtype
 
 IGNORE = data.IGNORE  # label of positions that carry no loss (prompt, speech, padding)
 
@@ -221,6 +221,11 @@ class SpeechLM(nn.Module):
         self.config = dict(config or {})  # the run's config.json, paths resolved
 
     @property
+    def dtype(self):
+        """The frozen networks' dtype (the trainable weights stay fp32)."""
+        return self.decoder.tok_embeddings.weight.dtype
+
+    @property
     def has_lora(self):
         return any(isinstance(m, LoRALinear) for m in self.decoder.modules())
 
@@ -370,7 +375,7 @@ class SpeechLM(nn.Module):
         and a new adapter (adapter: settings other than d_enc/d_llm). Trainable weights are kept in fp32
         whatever dtype the frozen networks use: they are the ones the optimizer updates."""
         device = device if isinstance(device, torch.device) else pick_device(device or None)
-        dtype = parse_dtype(dtype or None)
+        dtype = pick_dtype(dtype or None, device)
         encoder = WhisperEncoder.from_pretrained(whisper, dtype=dtype, device=device)
         decoder = Decoder.from_pretrained(llm, dtype=dtype, device=device)
         settings = {k: v for k, v in (adapter or {}).items() if k not in ("d_enc", "d_llm")}

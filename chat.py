@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the checkpoint's)")
+    p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 where this machine runs it fast, else fp32)")
     p.add_argument("--verbose", action="store_true", help="time to first token and tokens/s")
     args = p.parse_args(argv)
     from adapter import SpeechLM   # imported late: --help answers at once

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import time
 import types
 from dataclasses import dataclass, field
 
@@ -28,6 +29,42 @@ def parse_dtype(x):
     if isinstance(x, str) and x.lower() in DTYPES:
         return DTYPES[x.lower()]
     raise ValueError(f"unknown dtype {x!r}: use one of {', '.join(DTYPES)}")
+
+
+def bf16_is_fast(t_fp32, t_bf16):
+    """bf16 halves the bytes, but only pays where the device computes it natively: CPUs without AVX512-BF16
+    or AMX emulate it, several times slower than fp32. A clear margin keeps a noisy timing from flipping it."""
+    return t_bf16 < 0.7 * t_fp32
+
+
+def _matmul_time(dtype, device, seconds=0.1):
+    x, w = torch.randn(256, 576, device=device, dtype=dtype), torch.randn(1536, 576, device=device, dtype=dtype)
+    F.linear(x, w)   # warm-up: the first call picks and builds the kernel
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        F.linear(x, w)   # one LLM projection of a training batch (SmolLM2's MLP shape)
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def pick_dtype(name, device):
+    """A dtype setting -> torch dtype; None keeps the checkpoint's. "auto": bf16 where the device runs it fast,
+    fp32 elsewhere: a GPU says whether it has bf16; on a CPU the two are timed on one matmul (a few ms),
+    since the instruction set alone does not say how fast a given torch build runs bf16."""
+    if name != "auto":
+        return parse_dtype(name)
+    device = torch.device(device)
+    if device.type == "cuda":
+        fast, why = torch.cuda.is_bf16_supported(), "this GPU's bf16 support"
+    elif device.type == "cpu":
+        t32, t16 = _matmul_time(torch.float32, device), _matmul_time(torch.bfloat16, device)
+        fast = bf16_is_fast(t32, t16)
+        why = f"a bf16 matmul takes {t16 / t32:.2f}x the fp32 time on this {torch.backends.cpu.get_cpu_capability()} CPU"
+    else:
+        fast, why = False, f"{device.type}: fp32 is the safe choice"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"dtype: {'bf16' if fast else 'fp32'} ({why})")
+    return torch.bfloat16 if fast else torch.float32
 
 
 def pick_device(name=None):

@@ -32,7 +32,7 @@ eval_manifest = "speech/emo_test.jsonl"
 out_dir = "runs/emotion"
 map = {}                        # fold a dataset's labels into the five, e.g. {"excited": "happy"}
 device = ""
-dtype = "bf16"
+dtype = "auto"              # bf16 where the device runs it fast, else fp32 (model.pick_dtype)
 padded = False
 max_new_tokens = 48
 gen_batch_size = 32
@@ -59,7 +59,7 @@ min_lr = 5e-5
 warmup_steps = 20
 weight_decay = 0.05
 grad_clip = 1.0
-autocast = True
+autocast = None             # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
 log_interval = 10
 eval_interval = 50
 ckpt_interval = 50
@@ -139,7 +139,8 @@ def main():
         stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
         return {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in ("ce", "emotion", "head_acc")}
 
-    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir})
+    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir,
+                                 "autocast": model.dtype == torch.bfloat16 if autocast is None else autocast})
     if head_warmup_steps and not (resume and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
         warm_up_head(model, items)   # a resumed run restores the warmed-up weights from its checkpoint
     result = train(model, lambda b: losses(model, b), items, cfg, eval_fn=evaluate if held_out else None,

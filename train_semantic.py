@@ -29,7 +29,7 @@ train_manifest = "speech/asr_train.jsonl"
 eval_manifest = "speech/asr_test.jsonl"
 out_dir = "runs/semantic"
 device = ""                 # "" picks cuda, then mps, then cpu
-dtype = "bf16"              # the frozen encoder and LLM; the adapter trains in fp32 under bf16 autocast
+dtype = "auto"              # the frozen encoder and LLM: "auto" is bf16 where the device runs it fast, else fp32
 padded = False              # encode clips padded to 30 s as the release does (slower, slightly different numbers)
 max_new_tokens = 48         # target length (DESIGN.md)
 gen_batch_size = 32
@@ -48,7 +48,7 @@ min_lr = 1e-4
 warmup_steps = 25
 weight_decay = 0.05
 grad_clip = 1.0
-autocast = True
+autocast = None             # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
 log_interval = 10
 eval_interval = 50
 ckpt_interval = 50
@@ -94,7 +94,8 @@ def main():
         stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
         return {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in ("kl", "ce")}
 
-    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir})
+    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir,
+                                 "autocast": model.dtype == torch.bfloat16 if autocast is None else autocast})
     start = None
     if not (resume and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
         model.eval()

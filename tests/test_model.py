@@ -354,3 +354,27 @@ def test_config_errors_and_helpers():
     with pytest.raises(ValueError, match="fp8"):
         parse_dtype("fp8")
     assert pick_device("cpu") == torch.device("cpu") and isinstance(pick_device(), torch.device)
+
+
+# ----------------------------------------------------------------------------- the dtype pick
+
+def test_bf16_wins_only_by_a_clear_margin():
+    from model import bf16_is_fast
+    assert bf16_is_fast(t_fp32=3.2, t_bf16=0.8)        # a CPU with AVX512-BF16: 4x faster
+    assert not bf16_is_fast(t_fp32=2.9, t_bf16=17.5)   # an AVX2-only CPU emulates bf16: 6x slower
+    assert not bf16_is_fast(t_fp32=1.0, t_bf16=0.9)    # within timing noise: stay in fp32
+
+
+def test_auto_dtype_is_fp32_on_a_cpu_without_native_bf16():
+    # Both of torch's CPU back ends capped at AVX2 behave as an AVX2-only machine does: the pick is fp32
+    # and the log says why. An explicit dtype is taken as given, "auto" or not.
+    import subprocess
+    import sys
+    code = ("import torch, model; d = model.pick_dtype('auto', 'cpu'); "
+            "assert d == torch.float32, d; assert model.pick_dtype('bf16', 'cpu') == torch.bfloat16; "
+            "assert model.pick_dtype(None, 'cpu') is None")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"dtype: fp32 \(a bf16 matmul takes \d+\.\d+x the fp32 time on this AVX2 CPU\)", r.stdout), r.stdout
