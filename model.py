@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ def pick_dtype(name, device):
     else:
         fast, why = False, f"{device.type}: fp32 is the safe choice"
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"dtype: {'bf16' if fast else 'fp32'} ({why})")
+        print(f"dtype: {'bf16' if fast else 'fp32'} ({why})", file=sys.stderr)   # stdout is chat.py's reply
     return torch.bfloat16 if fast else torch.float32
 
 
