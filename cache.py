@@ -12,6 +12,7 @@
 import hashlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -166,17 +167,34 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
     return done
 
 
+def trim_repeats(text):
+    """A small LLM's greedy text often loops ("I'm sure. I'm sure. I'm sure."): keep it up to the first
+    sentence that repeats an earlier one. Returns (text, whether anything was cut)."""
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    seen, kept = set(), []
+    for p in parts:
+        key = p.lower().strip()
+        if key in seen:
+            return " ".join(kept), True
+        seen.add(key)
+        kept.append(p)
+    return text, False
+
+
 def training_items(rows, targets, make_examples, n_unreadable, where):
     """Rows (with features and target_key) + make_targets' records -> training items: each row with its
     "target" and the examples make_examples(row, record) returns (a dict). Refusals and empty targets are
     dropped and counted, never silently: the count is printed with the unreadable clips'."""
-    items, skipped = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}
+    items, skipped, n_cut = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}, 0
     for row in rows:
         t = targets[row["target_key"]]
         why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
         if why:
             skipped[why] += 1
             continue
-        items.append(dict(row, target=t["target"], **make_examples(row, t)))
-    print(f"{where}: {len(items)} items; skipped {skipped}")
+        text, cut = trim_repeats(t["target"])
+        n_cut += cut
+        t = dict(t, target=text, truncated=t["truncated"] and not cut)   # a cut loop ends where it is cut
+        items.append(dict(row, target=text, **make_examples(row, t)))
+    print(f"{where}: {len(items)} items ({n_cut} targets cut where they began to repeat); skipped {skipped}")
     return items

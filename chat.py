@@ -18,9 +18,9 @@ import torch
 from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, SYSTEM_PROMPT,
                   AudioError, load_audio)
 
-# What a speech turn asks, per run stage: our runs were trained on continuations; the release follows
-# spoken instructions as they are.
-INSTRUCTIONS = {"semantic": CONTINUE, "emotion": CONTINUE_HEARD_EMOTION, "release": ""}
+# The text before the speech in a turn, as each stage was trained to hear it: stage 1 continues, stage 2
+# replies to the speech alone (data.emotion_student_parts), the release follows spoken instructions as they are.
+INSTRUCTIONS = {"semantic": CONTINUE, "emotion": "", "release": ""}
 
 
 class InputError(Exception):
@@ -184,7 +184,8 @@ def main(argv=None):
         return 2
     stage = model.config.get("stage", "emotion")
     system = args.system or (EMOTION_SYSTEM_PROMPT if args.emotion or stage in ("emotion", "release") else SYSTEM_PROMPT)
-    instruction = args.instruction if args.instruction is not None else INSTRUCTIONS.get(stage, "")
+    trained = CONTINUE_HEARD_EMOTION if model.config.get("paper_prompts") else INSTRUCTIONS.get(stage, "")
+    instruction = args.instruction if args.instruction is not None else trained
     if not clips:
         interactive(model, args, system, instruction)
         return 0

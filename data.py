@@ -30,6 +30,26 @@ CONTINUE = "Continue the following sentence in a coherent style: "
 # Stage 2: the LLM is told the label; the speech model must hear it (the label is not in its prompt).
 CONTINUE_WITH_EMOTION = "Continue the following sentence that reflects a '{emotion}' emotion tone in a coherent style: "
 CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed emotion tone in a coherent style: "
+
+
+def emotion_target_messages(text, emotion, paper=False):
+    """Stage 2's teacher prompt: the transcript with its emotion told in words. paper=True is the release's
+    continuation instruction; under it a 135M LLM repeats the sentence whatever the label (a valence gap
+    of about 0 between happy and sad targets, measured in the README), so the default asks for a reply to
+    the sentence said in that voice, which it answers in kind. The student hears the speech in the same
+    turn (emotion_student_parts), with neither the words nor the label."""
+    if paper:
+        return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT},
+                {"role": "user", "content": CONTINUE_WITH_EMOTION.format(emotion=emotion) + text}]
+    return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT},
+            {"role": "user", "content": f"{text} (said in a {emotion} voice)"}]
+
+
+def emotion_student_parts(paper=False):
+    """The user turn in which stage 2's speech model hears the clip, and chat.py's default after stage 2."""
+    return [CONTINUE_HEARD_EMOTION, SPEECH] if paper else [SPEECH]
+
+
 # The authors' SER question for evaluation.
 SER_QUESTION = ("Please identify the emotion tone of the speech provided below. Select from the following "
                 "options: neutral, sad, angry, happy, or surprise.\n\nSpeech: ")

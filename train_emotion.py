@@ -21,8 +21,8 @@ import cache
 import evaluate as ev
 from adapter import SpeechLM, ce_loss, emotion_loss
 from configurator import configure
-from data import (CONTINUE_HEARD_EMOTION, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH,
-                  emotion_label, make_example, read_manifest)
+from data import (EMOTION_SYSTEM_PROMPT, EMOTIONS, emotion_label, emotion_student_parts, emotion_target_messages,
+                  make_example, read_manifest)
 from trainer import TrainConfig, init_distributed, rank0_first, train
 
 # ---- settings: python train_emotion.py --key=value overrides any of these ----
@@ -37,6 +37,7 @@ padded = False
 max_new_tokens = 48
 gen_batch_size = 32
 emotion_loss_weight = 1.0       # the paper: an unweighted sum; 0 trains on the continuation alone
+paper_prompts = False           # True: the release's continuation prompts (data.emotion_target_messages says why not)
 lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
@@ -71,8 +72,7 @@ config = configure(globals(), sys.argv[1:])
 
 
 def prompt_for_target(item):
-    instruction = CONTINUE_WITH_EMOTION.format(emotion=EMOTIONS[item["label"]])
-    return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": instruction + item["text"]}]
+    return emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
 
 
 def load_items(model, manifest, limit, run_dir, with_targets=True):
@@ -87,7 +87,7 @@ def load_items(model, manifest, limit, run_dir, with_targets=True):
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
     def examples(row, t):
-        return dict(student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, [CONTINUE_HEARD_EMOTION, SPEECH],
+        return dict(student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, emotion_student_parts(paper_prompts),
                                          t["target"], t["truncated"]))
     return cache.training_items(rows, targets, examples, n_bad, manifest)
 
