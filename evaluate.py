@@ -1,9 +1,14 @@
-"""How we measure BLSP-Emo: speech emotion recognition (SER) and "same words, different tone".
+"""How we measure BLSP-Emo: what is heard (content retrieval), how it is said (SER), and what is answered
+("same words, different tone").
 
 SER is asked the way the authors evaluate it: the model hears the clip after the question below and
 answers in free text; the label is the first of the five emotion words (or their inflections) in the
 reply, "unknown" when none appears (counted, and wrong). The emotion head's own accuracy is reported
-beside it. The tone test plays every held-out sentence in all five emotions and compares the replies.
+beside it, and closed-set SER scores the five label words as replies instead of reading one. The tone
+test plays every held-out sentence in all five emotions and compares the replies: do they differ, and
+does a happy voice get a brighter reply than a sad one (VADER's sentiment)? Content retrieval asks
+whether stage 1 heard the words: is the clip's own continuation the likeliest among other clips'?
+Each measure has a floor or a ceiling beside it, so a number says how much of the possible was reached.
 
     python evaluate.py --stage1=runs/demo/semantic --stage2=runs/demo/emotion --out=runs/demo
 """
@@ -18,8 +23,9 @@ from collections import defaultdict
 import torch
 
 import cache
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SER_QUESTION, SPEECH,
-                  SYSTEM_PROMPT, emotion_label, read_manifest)
+import data
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SER_QUESTION, SPEECH,
+                  SYSTEM_PROMPT, emotion_label, make_example, read_manifest)
 
 # Inflections a free-text reply uses for each label ("she sounds surprised", "anger", "happiness").
 _WORDS = {"neutral": r"neutral(?:ity)?", "happy": r"happ(?:y|ier|iness|ily)|joy(?:ful)?",
@@ -81,14 +87,25 @@ def ser_eval(model, items, batch_size=16, max_new_tokens=24):
            "unknown": sum(row[-1] for row in conf), "confusion": conf, "columns": cols,
            "replies": [{"audio": it["audio"], "emotion": EMOTIONS[it["label"]], "reply": r} for it, r in zip(items, texts)]}
     if model.emotion_head is not None:
-        hits = 0
-        for i in range(0, n, batch_size):
-            chunk = items[i:i + batch_size]
-            emb, lengths = model.speech_embeds([it["feats"] for it in chunk])
-            pred = model.emotion_logits(emb, lengths).argmax(-1).tolist()
-            hits += sum(p == it["label"] for p, it in zip(pred, chunk))
-        res["head_acc"] = hits / max(n, 1)
+        res["head_acc"] = head_accuracy(model, items, batch_size)
     return res
+
+
+@torch.no_grad()
+def head_accuracy(model, items, batch_size=16):
+    """The emotion head's accuracy: the argmax of its five logits on each clip's pooled adapter output."""
+    hits = 0
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        emb, lengths = model.speech_embeds([it["feats"] for it in chunk])
+        pred = model.emotion_logits(emb, lengths).argmax(-1).tolist()
+        hits += sum(p == it["label"] for p, it in zip(pred, chunk))
+    return hits / max(len(items), 1)
+
+
+def told(item):
+    """The transcript with its emotion told in words: what the SER ceilings give the LLM instead of speech."""
+    return f"{item['text']} (said in a {EMOTIONS[item['label']]} tone)"
 
 
 @torch.no_grad()
@@ -96,9 +113,98 @@ def ser_text_oracle(model, items, batch_size=16, max_new_tokens=24):
     """A ceiling for free-text SER with this LLM: the same question over the transcript with the emotion
     *told* in words ("... (said in a sad tone)"), no speech. An LLM that cannot name an emotion it is
     told cannot be expected to name one it hears."""
-    texts = [f"{it['text']} (said in a {EMOTIONS[it['label']]} tone)" for it in items]
+    texts = [told(it) for it in items]
     answers = text_replies(model, texts, SYSTEM_PROMPT, SER_QUESTION, max_new_tokens, batch_size)
     return sum(extract_label(a) == EMOTIONS[it["label"]] for a, it in zip(answers, items)) / max(len(items), 1)
+
+
+@torch.no_grad()
+def reply_logprobs(model, examples, feats=None, batch_size=16):
+    """(summed log-probability, number of tokens) of each example's labelled tokens (make_example rows:
+    the reply). With feats (one clip per example, for its one SPEECH slot) the model hears the speech
+    (speech_logits: partial LoRA, if any, at the speech positions); without, it reads text (text_logits)."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        if feats is None:
+            logits, targets = model.text_logits(chunk)
+        else:
+            s = model.speech_logits(chunk, feats[i:i + batch_size])
+            logits, targets = s["logits"], s["targets"]
+        lp = logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+        # the logits come row by row, so each example's tokens are the next run of its reply's length
+        counts = [sum(t != IGNORE for t in labels) for _, labels in chunk]
+        out += [(x.sum().item(), len(x)) for x in lp.split(counts)]
+    return out
+
+
+@torch.no_grad()
+def ser_closed(model, items, transcript=False, batch_size=32):
+    """Closed-set SER, scored as lm-evaluation-harness scores multiple choice: after the SER question,
+    each of the five label words is scored as the reply ("happy": its tokens, no closing ones) by its
+    total log-likelihood, and the likeliest is the answer. Unlike free text, no answer is "unknown", so
+    it measures what the model hears, not whether it follows the instruction. transcript=True: the LLM
+    reads the transcript with the emotion told in words (as ser_text_oracle), no speech: the ceiling."""
+    examples, feats = [], []
+    for it in items:
+        parts = [SER_QUESTION + told(it)] if transcript else [SER_QUESTION, SPEECH]
+        for e in EMOTIONS:
+            examples.append(make_example(model.tok, SYSTEM_PROMPT, parts, e, truncated=True))
+            feats.append(it.get("feats"))
+    scores = reply_logprobs(model, examples, None if transcript else feats, batch_size)
+    pred = torch.tensor([s for s, _ in scores]).view(len(items), len(EMOTIONS)).argmax(-1).tolist()
+    return sum(p == it["label"] for p, it in zip(pred, items)) / max(len(items), 1)
+
+
+def continue_prompt(item):
+    """Stage 1's target prompt, as train_semantic.prompt_for_target (a script: it reads argv on import)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + item["text"]}]
+
+
+def distractors(n, k=9, seed=0):
+    """For each of n clips, k others: the next k after it in a fixed-seed permutation. Every clip is a
+    distractor exactly k times, so no target is favoured by being shown more often."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    where = {c: p for p, c in enumerate(perm)}
+    return [[perm[(where[i] + j) % n] for j in range(1, min(k, n - 1) + 1)] for i in range(n)]
+
+
+def top1(scores):
+    """scores (n, 1 + k), column 0 each row's own candidate: the fraction of rows where it beats every
+    other. A tie is a miss, so a model that scores everything alike gets 0, not a lucky 1."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    return (scores[:, 0] > scores[:, 1:].max(-1).values).double().mean().item()
+
+
+@torch.no_grad()
+def content_retrieval(model, items, k=9, seed=0, transcript=False, batch_size=16):
+    """Did the model hear *what* was said? Each clip's own stage-1 target (item["target"]) and those of
+    k other clips are scored as the reply to the stage-1 prompt over the clip (transcript=True: over its
+    transcript, the teacher's view: the ceiling); accuracy@1 of the own one. Mean log-likelihood per
+    token, so a short continuation does not win for being short. Chance is 1 / (k + 1)."""
+    if len(items) < 2:
+        raise ValueError(f"content_retrieval: needs at least 2 clips, got {len(items)}")
+    others = distractors(len(items), k, seed)
+    examples, feats = [], []
+    for it, rest in zip(items, others):
+        parts = [CONTINUE + it["text"]] if transcript else [CONTINUE, SPEECH]
+        for j in [None] + rest:         # the own target first: top1's column 0
+            target = it["target"] if j is None else items[j]["target"]
+            examples.append(make_example(model.tok, SYSTEM_PROMPT, parts, target, truncated=True))
+            feats.append(it.get("feats"))
+    scores = reply_logprobs(model, examples, None if transcript else feats, batch_size)
+    return top1(torch.tensor([s / max(n, 1) for s, n in scores]).view(len(items), -1))
+
+
+def untrained(model, seed=0):
+    """The same encoder and LLM behind a freshly initialised adapter (same settings): the floor that
+    shows what training the adapter bought."""
+    from adapter import Adapter, SpeechLM
+    a = model.adapter
+    with torch.random.fork_rng(devices=[]):      # seeded here, the caller's random state untouched
+        torch.manual_seed(seed)
+        fresh = Adapter(**a.settings()).to(a.fc1.weight.device)
+    return SpeechLM(model.encoder, fresh, model.decoder, model.tok, config=model.config).eval()
 
 
 def print_ser(res, title):
@@ -155,6 +261,50 @@ def tone_table(model, items, system, instruction, max_new_tokens=48):
     return rows, differ
 
 
+def distinct_replies(texts):
+    """Distinct reply strings / replies: 1.0 when every clip gets its own reply, 0.2 when the five tones
+    of each sentence get one reply between them."""
+    return len(set(texts)) / max(len(texts), 1)
+
+
+def load_vader():
+    """VADER's sentiment analyzer, or None (with a note) when vaderSentiment is not installed: the fit
+    measures are then reported as None, nothing else changes."""
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        print("vaderSentiment is not installed: no fit gap (pip install vaderSentiment==3.3.2)")
+        return None
+    return SentimentIntensityAnalyzer()
+
+
+def fit_gap(texts, emotions, vader):
+    """Do the replies fit the tone? Mean VADER compound sentiment (-1..1) of the replies to happy clips
+    minus that of the replies to sad ones; other emotions are left out. Replies that ignore the tone score
+    about 0, whether or not they differ. None without VADER or without both a happy and a sad reply."""
+    if vader is None:
+        return None
+    mean = {}
+    for e in ("happy", "sad"):
+        scores = [vader.polarity_scores(t)["compound"] for t, x in zip(texts, emotions) if x == e]
+        if not scores:
+            return None
+        mean[e] = sum(scores) / len(scores)
+    return mean["happy"] - mean["sad"]
+
+
+def teacher_replies(model, texts, emotions, path, max_new_tokens=48, paper=False):
+    """What stage 2 trains toward: the LLM's own replies to each transcript told its emotion (a name in
+    EMOTIONS), with the prompt stage 2 makes its targets with (data.emotion_target_messages, the one
+    place it is defined), read from or added to the targets cache at path (JSON lines, cache.make_targets),
+    and cut where they loop as the training targets are (cache.trim_repeats)."""
+    items = [{"text": t, "emotion": e} for t, e in zip(texts, emotions)]
+    recs = cache.make_targets(model.decoder, model.tok, items, path,
+                              lambda it: data.emotion_target_messages(it["text"], it["emotion"], paper=paper),
+                              max_new_tokens=max_new_tokens, device=model.decoder.tok_embeddings.weight.device)
+    return [cache.trim_repeats(recs[it["target_key"]]["target"])[0] for it in items]
+
+
 # ---- settings for the report (python evaluate.py --key=value) ----
 stage1 = "runs/semantic"
 stage2 = "runs/emotion"
@@ -162,10 +312,13 @@ out = "runs/demo"
 asr_manifest = "speech/asr_test.jsonl"
 real_manifest = "speech/real.jsonl"
 emo_manifest = "speech/emo_test.jsonl"
+other_manifest = "speech/emo_other.jsonl"   # the test sentences by another speech engine, never trained on
 map = {}                        # fold a dataset's labels into the five (as train_emotion.py --map)
 device = ""
-dtype = "bf16"
+dtype = "auto"                  # bf16 where the device runs it fast, else fp32
 n_stage1_examples = 6
+content_clips = 30              # content retrieval: the first clips of asr_manifest ...
+content_distractors = 9         # ... each against this many other clips' targets (chance 1 / 10)
 started = 0                     # run.sh passes its start time, so wall_s covers the whole run
 
 
@@ -174,6 +327,16 @@ def emotion_items(model, manifest):
     for n, r in enumerate(rows, 1):
         r["label"] = emotion_label(r["emotion"], map, f"{manifest}:{n}")
     return cache.with_features(model, rows)[0]
+
+
+def content_items(model, manifest, n, run_dir):
+    """The first n clips of manifest with their features and stage 1's own target for each: read from the
+    run's targets.jsonl (the held-out ones are there already), generated only where missing."""
+    rows, n_bad = cache.with_features(model, read_manifest(manifest)[:n])
+    targets = cache.make_targets(model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
+                                 continue_prompt, max_new_tokens=model.config.get("max_new_tokens", 48),
+                                 device=model.decoder.tok_embeddings.weight.device)
+    return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 
 
 def main():
@@ -197,24 +360,62 @@ def main():
         text = text_replies(m1, [it["text"] for it in items], SYSTEM_PROMPT, CONTINUE, 48)
         side_by_side += [{"set": os.path.basename(manifest), "transcript": it["text"], "speech_reply": a,
                           "text_reply": b} for it, a, b in zip(items, speech, text)]
+    # Did stage 1 hear the words? Its own continuation among other clips', beside an untrained adapter (floor)
+    # and the LLM reading the transcript (ceiling).
+    content = dict(content_acc=None, content_acc_floor=None, content_acc_ceiling=None, content_n=0, content_candidates=0)
+    if os.path.exists(asr_manifest):
+        items, k = content_items(m1, asr_manifest, content_clips, stage1), content_distractors
+        content = dict(content_acc=content_retrieval(m1, items, k),
+                       content_acc_floor=content_retrieval(untrained(m1), items, k),
+                       content_acc_ceiling=content_retrieval(m1, items, k, transcript=True),
+                       content_n=len(items), content_candidates=min(k, len(items) - 1) + 1)
+        print(f"content retrieval, own continuation among {content['content_candidates']}: "
+              f"stage 1 {content['content_acc']:.1%}, untrained adapter {content['content_acc_floor']:.1%}, "
+              f"the LLM reading the transcript {content['content_acc_ceiling']:.1%}")
     # Stage 2 against the stage-1-only baseline, on held-out voices and sentences.
     base_items = emotion_items(m1, emo_manifest)
     base = ser_eval(m1, base_items)
     print_ser(base, "stage 1 only (baseline)")
     oracle = ser_text_oracle(m1, base_items)
     print(f"the LLM told the emotion in words (no speech): free-text accuracy {oracle:.1%}, the ceiling for this LLM")
+    closed1, closed_ceiling = ser_closed(m1, base_items), ser_closed(m1, base_items, transcript=True)
+    vader = load_vader()
+    # the tone table asks what stage 2 was trained to hear (as chat.py): the speech alone, or after the paper's
+    # instruction; stage 1 is asked the same, as the baseline of the fit gap
+    paper = json.load(open(os.path.join(stage2, "config.json"))).get("paper_prompts", False)
+    heard = CONTINUE_HEARD_EMOTION if paper else ""
+    tone1 = tone_table(m1, base_items, EMOTION_SYSTEM_PROMPT, heard)[0] if vader else []
     del m1
     m2 = SpeechLM.from_run(stage2, device=device or None, dtype=dtype)
     test = emotion_items(m2, emo_manifest)
     res = ser_eval(m2, test)
     print_ser(res, "stage 2")
     plot_confusion(res, os.path.join(out, "confusion.png"))
-    tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, CONTINUE_HEARD_EMOTION)
+    tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard)
+    closed = ser_closed(m2, test)
+    head_other = head_accuracy(m2, emotion_items(m2, other_manifest)) if os.path.exists(other_manifest) else None
+    if head_other is not None:
+        print(f"emotion head on another speech engine ({other_manifest}): {head_other:.1%}")
+    print(f"closed-set SER (the likeliest of the five label words): stage 2 {closed:.1%}, stage 1 only {closed1:.1%}, "
+          f"the LLM told the emotion in words {closed_ceiling:.1%}")
+    # Do the replies fit the tone? The same clips' replies from both stages, and stage 2's own targets for them.
+    texts, emos = [r[e] for r in tone for e in EMOTIONS], [e for _ in tone for e in EMOTIONS]
+    fit = dict(fit_gap=None, fit_gap_stage1=None, fit_gap_ceiling=None)
+    if vader:
+        teacher = teacher_replies(m2, [r["text"] for r in tone for _ in EMOTIONS], emos,
+                                  os.path.join(stage2, "targets.jsonl"), m2.config.get("max_new_tokens", 48), paper)
+        fit = dict(fit_gap=fit_gap(texts, emos, vader),
+                   fit_gap_stage1=fit_gap([r[e] for r in tone1 for e in EMOTIONS], emos, vader),
+                   fit_gap_ceiling=fit_gap(teacher, emos, vader))
+        print("fit gap (VADER compound, replies to happy minus sad clips): " +
+              ", ".join(f"{k} {v:+.3f}" for k, v in fit.items() if v is not None))
     peaks = [peak_rss_gb()] + [json.load(open(os.path.join(d, "summary.json"))).get("peak_rss_gb", 0)
                                for d in (stage1, stage2) if os.path.exists(os.path.join(d, "summary.json"))]
-    report.update(ser_head_acc=res.get("head_acc"), ser_text_acc=res["acc"], ser_text_acc_stage1=base["acc"], ser_text_oracle=oracle,
+    report.update(ser_head_acc=res.get("head_acc"), head_acc_other_engine=head_other, ser_text_acc=res["acc"], ser_text_acc_stage1=base["acc"], ser_text_oracle=oracle,
                   ser_recall=res["recall"], ser_unknown=res["unknown"], ser_confusion=res["confusion"],
-                  ser_stage1_recall=base["recall"], tone_differ=differ,
+                  ser_stage1_recall=base["recall"], tone_differ=differ, ser_closed_acc=closed,
+                  ser_closed_acc_stage1=closed1, ser_closed_ceiling=closed_ceiling, **content,
+                  distinct_replies=distinct_replies(texts), **fit,
                   wall_s=time.time() - (started or t0), peak_rss_gb=max(peaks), eval_s=time.time() - t0,
                   stage1_side_by_side=side_by_side, tone=tone, ser_replies=res["replies"][:50], config=config)
     with open(os.path.join(out, "report.json"), "w") as f:
@@ -225,12 +426,23 @@ def main():
 
 def write_markdown(r, path):
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"   # noqa: E731
+    signed = lambda x: "n/a" if x is None else f"{x:+.3f}"   # noqa: E731
     lines = ["# BLSP-Emo in the small: report", "",
              f"- stage 1 held-out KL: {r['kl_start']:.3f} at step 0 -> {r['kl_end']:.3f} at the end",
-             f"- emotion head accuracy: {pct(r['ser_head_acc'])}",
+             f"- emotion head accuracy: {pct(r['ser_head_acc'])} on held-out espeak voices, "
+             f"{pct(r.get('head_acc_other_engine'))} on another speech engine (never trained on)",
              f"- free-text SER accuracy: stage 2 {pct(r['ser_text_acc'])}, stage 1 only {pct(r['ser_text_acc_stage1'])}; "
              f"the LLM told the emotion in words: {pct(r['ser_text_oracle'])} (its ceiling)",
-             f"- happy and sad replies differ for {pct(r['tone_differ'])} of held-out sentences",
+             f"- closed-set SER accuracy (the likeliest of the five label words): stage 2 {pct(r['ser_closed_acc'])}, "
+             f"stage 1 only {pct(r['ser_closed_acc_stage1'])}; the LLM told the emotion in words: "
+             f"{pct(r['ser_closed_ceiling'])} (its ceiling)",
+             f"- stage 1 content retrieval (its own continuation the likeliest among {r['content_candidates']}, "
+             f"{r['content_n']} held-out clips): {pct(r['content_acc'])}; untrained adapter {pct(r['content_acc_floor'])}, "
+             f"the LLM reading the transcript {pct(r['content_acc_ceiling'])}",
+             f"- happy and sad replies differ for {pct(r['tone_differ'])} of held-out sentences; "
+             f"{pct(r['distinct_replies'])} of the tone table's replies are distinct",
+             f"- fit gap (VADER compound, replies to happy minus sad clips, -2..2): stage 2 {signed(r['fit_gap'])}, "
+             f"stage 1 only {signed(r['fit_gap_stage1'])}; the LLM's own stage-2 targets {signed(r['fit_gap_ceiling'])}",
              f"- wall time {r['wall_s'] / 60:.1f} min, peak memory {r['peak_rss_gb']:.2f} GB", "",
              "## Stage 1: reply to the speech beside the reply to its transcript", ""]
     for s in r["stage1_side_by_side"]:

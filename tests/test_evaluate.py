@@ -1,9 +1,13 @@
 # evaluate.py: the label read from a free-text SER reply, and the bookkeeping of the SER and tone tables
 # (counts that add up, accuracies that are what the confusion matrix says), on scripted replies and on a
-# tiny random SpeechLM with an emotion head.
+# tiny random SpeechLM with an emotion head. Then the likelihood-scored measures (closed-set SER, content
+# retrieval) on scorers whose answers are planted, reply scoring against the decoder's own numbers, and
+# the reply measures (distinct replies, VADER fit gap) on texts of known valence.
 import pytest
 import torch
 
+import cache
+import data
 import evaluate as ev
 import tiny
 from data import EMOTIONS
@@ -152,3 +156,223 @@ def test_tone_table_pairs_the_five_versions(model, monkeypatch):
     assert seen == [[(f"sentence {s}", "v0", e) for s in range(3) for e in EMOTIONS]]
     assert rows[1]["happy"] == rows[1]["sad"] == "same" and rows[0]["happy"] == "sentence 0 1"
     assert differ == pytest.approx(2 / 3)
+
+
+# ---- reply scoring, closed-set SER, content retrieval, distinct replies, fit gap
+
+def split(tok, example):
+    """A make_example row -> (prompt ids, reply text): what a scorer is asked about."""
+    ids, labels = example
+    start = next(i for i, t in enumerate(labels) if t != data.IGNORE)
+    return ids[:start], tok.decode(ids[start:])
+
+
+def test_reply_logprobs_is_the_decoders_own_likelihood(model):
+    # text rows: against one plain decoder forward per row (no splice, no batching, no gathering)
+    ex = [data.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE + t], r, truncated=tr)
+          for t, r, tr in (("the cat", "sat on the mat.", True), ("hello", "world", False), ("a mat", "the cat sat", True))]
+    got = ev.reply_logprobs(model, ex, batch_size=2)      # a ragged last batch
+    for (ids, labels), (s, n) in zip(ex, got):
+        with torch.no_grad():
+            lp = model.decoder(torch.tensor([ids]))[0].log_softmax(-1)
+        want = [lp[i - 1, t].item() for i, t in enumerate(labels) if t != data.IGNORE]
+        assert n == len(want) and s == pytest.approx(sum(want), abs=1e-4)
+    n_tokens = [len(model.tok.encode(r)) for r in ("sat on the mat.", "world", "the cat sat")]
+    n_tokens[1] += len(model.tok.closing_ids)              # not truncated: the closing tokens are scored too
+    assert [n for _, n in got] == n_tokens
+    # speech rows: each example alone == all in one batch (clips of different lengths: padding must not leak)
+    its = items(1, seed=5)
+    sx = [data.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], f"the cat {k}", truncated=True)
+          for k in range(len(its))]
+    feats = [it["feats"] for it in its]
+    alone = [ev.reply_logprobs(model, [e], [f])[0] for e, f in zip(sx, feats)]
+    batch = ev.reply_logprobs(model, sx, feats, batch_size=5)
+    assert [n for _, n in batch] == [n for _, n in alone]
+    assert [s for s, _ in batch] == pytest.approx([s for s, _ in alone], abs=1e-4)
+    assert all(s < 0 for s, _ in batch)
+
+
+def test_ser_closed_picks_the_likeliest_label_word(model, monkeypatch):
+    its = items(2, seed=6)                                 # 10 clips, labels 0..4 twice
+    g = torch.Generator().manual_seed(7)
+    table = torch.randn(len(its), len(EMOTIONS), generator=g)   # the total log-likelihood of each label word
+    for i in (0, 1, 2, 3):                                 # four planted hits; the rest wherever the table says
+        table[i, its[i]["label"]] = 5.0
+    # clip 4 is "surprise" (3 tokens here): the likeliest per token, but "neutral" (1 token) has the larger total
+    table[4] = torch.tensor([-2.0, -10.0, -10.0, -10.0, -3.0])
+    seen = []
+
+    def fake(m, examples, feats=None, batch_size=16):
+        out = []
+        for k, ex in enumerate(examples):
+            prompt, reply = split(m.tok, ex)
+            clip = k // len(EMOTIONS)
+            n = len(m.tok.encode(reply))
+            seen.append((prompt, reply, None if feats is None else feats[k] is its[clip]["feats"]))
+            out.append((table[clip, EMOTIONS.index(reply)].item(), n))
+        return out
+    monkeypatch.setattr(ev, "reply_logprobs", fake)
+    want = sum(int(table[i].argmax()) == it["label"] for i, it in enumerate(its)) / len(its)
+    by_mean = sum(int(max(range(5), key=lambda j: table[i, j] / len(model.tok.encode(EMOTIONS[j])))) == it["label"]
+                  for i, it in enumerate(its)) / len(its)
+    assert want >= 0.4 and want != by_mean                 # the table tells a total from a per-token mean
+    assert ev.ser_closed(model, its) == pytest.approx(want)
+    speech_prompt = model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT},
+                                           {"role": "user", "content": [ev.SER_QUESTION, ev.SPEECH]}])
+    assert [s[1] for s in seen] == EMOTIONS * len(its)     # the bare label words, no closing tokens
+    assert all(p == speech_prompt and own for p, _, own in seen)
+    # the ceiling: the transcript with the emotion told, no speech
+    seen.clear()
+    assert ev.ser_closed(model, its, transcript=True) == pytest.approx(want)
+    for k, (p, _, feats_given) in enumerate(seen):
+        it = its[k // 5]
+        assert feats_given is None
+        user = ev.SER_QUESTION + f"{it['text']} (said in a {EMOTIONS[it['label']]} tone)"
+        assert p == model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT}, {"role": "user", "content": user}])
+
+
+def test_ser_closed_on_a_tiny_model(model):
+    its = items(1, seed=8)
+    acc = ev.ser_closed(model, its, batch_size=7)           # batches split clips' five rows apart
+    assert 0 <= acc <= 1 and round(acc * len(its), 6) == int(round(acc * len(its)))
+    assert ev.ser_closed(model, its, batch_size=50) == acc
+    assert 0 <= ev.ser_closed(model, its, transcript=True) <= 1
+
+
+def test_distractors_are_fair_and_fixed():
+    d = ev.distractors(30, 9, seed=0)
+    assert d == ev.distractors(30, 9, seed=0) and d != ev.distractors(30, 9, seed=1)
+    assert all(len(row) == 9 == len(set(row)) and i not in row for i, row in enumerate(d))
+    counts = [sum(j in row for row in d) for j in range(30)]
+    assert counts == [9] * 30                              # every target shown as a distractor equally often
+    assert ev.distractors(4, 9) and all(sorted(row + [i]) == [0, 1, 2, 3] for i, row in enumerate(ev.distractors(4, 9)))
+
+
+def test_top1_counts_strict_wins():
+    scores = [[-1.0, -2.0, -3.0],     # own first: hit
+              [-2.0, -1.0, -3.0],     # another wins: miss
+              [-1.0, -1.0, -5.0],     # tie: miss
+              [0.5, 0.4, 0.49]]       # hit
+    assert ev.top1(scores) == pytest.approx(0.5)
+    assert ev.top1([[1.0, 1.0, 1.0]] * 3) == 0.0
+
+
+def test_content_retrieval_ranks_by_mean_log_likelihood(model, monkeypatch):
+    n = 8
+    g = torch.Generator().manual_seed(9)
+    its = [dict(text=f"the cat {k}", target="the mat. " * (1 + k % 4) + str(k), feats=torch.randn(20 + k, 16, generator=g))
+           for k in range(n)]
+    mean = torch.randn(n, n, generator=g)                  # mean log-likelihood of clip j's target for clip i
+    for i in (0, 3, 5):
+        mean[i, i] = 4.0                                   # planted: the own continuation is the likeliest
+    mean[6, 6] = mean[6].max()                             # a tie with the best distractor: a miss
+    others = ev.distractors(n, 3)
+    seen = []
+
+    def fake(m, examples, feats=None, batch_size=16):
+        out = []
+        for k, ex in enumerate(examples):
+            prompt, reply = split(m.tok, ex)
+            i, j = k // 4, int(reply.rsplit(" ", 1)[-1].rsplit(".", 1)[-1])
+            assert reply == its[j]["target"]               # the candidate itself, no closing tokens
+            seen.append((i, j, prompt, feats is not None and feats[k] is its[i]["feats"]))
+            tokens = len(m.tok.encode(reply))
+            out.append((mean[i, j].item() * tokens, tokens))
+        return out
+    monkeypatch.setattr(ev, "reply_logprobs", fake)
+    want = ev.top1([[mean[i, i]] + [mean[i, j] for j in others[i]] for i in range(n)])
+    assert want == pytest.approx(3 / n)
+    assert ev.content_retrieval(model, its, k=3) == pytest.approx(want)
+    assert [(i, j) for i, j, _, _ in seen] == [(i, j) for i in range(n) for j in [i] + others[i]]
+    speech_prompt = model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT},
+                                           {"role": "user", "content": [ev.CONTINUE, ev.SPEECH]}])
+    assert all(p == speech_prompt and own for _, _, p, own in seen)
+    seen.clear()
+    assert ev.content_retrieval(model, its, k=3, transcript=True) == pytest.approx(want)
+    assert all(p == model.tok.encode_chat(ev.continue_prompt(its[i])) and not own for i, _, p, own in seen)
+
+
+def test_content_retrieval_on_a_tiny_model(model):
+    g = torch.Generator().manual_seed(10)
+    its = [dict(text=f"the cat sat {k}", target=t, feats=torch.randn(25 + 3 * k, 16, generator=g))
+           for k, t in enumerate(["on the mat.", "hello world.", "the cat sat on the mat.", "hello."])]
+    for kw in (dict(), dict(transcript=True)):
+        acc = ev.content_retrieval(model, its, k=9, **kw)  # k above n - 1: every other clip
+        assert 0 <= acc <= 1 and round(acc * 4, 6) == int(round(acc * 4))
+        assert ev.content_retrieval(model, its, k=9, batch_size=3, **kw) == acc
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.content_retrieval(model, its[:1])
+    # the floor: the same encoder and LLM behind a fresh adapter, the same one for the same seed
+    trained = {n: p.clone() for n, p in model.adapter.state_dict().items()}
+    a, b, c = ev.untrained(model), ev.untrained(model), ev.untrained(model, seed=1)
+    assert a.decoder is model.decoder and a.encoder is model.encoder and a.adapter is not model.adapter
+    assert a.adapter.settings() == model.adapter.settings()
+    assert torch.equal(a.adapter.fc1.weight, b.adapter.fc1.weight)
+    assert not torch.equal(a.adapter.fc1.weight, c.adapter.fc1.weight)
+    assert all(torch.equal(p, trained[n]) for n, p in model.adapter.state_dict().items())   # left as it was
+    state = torch.get_rng_state()
+    ev.untrained(model)
+    assert torch.equal(torch.get_rng_state(), state)      # the caller's random state too
+    assert 0 <= ev.content_retrieval(a, its) <= 1
+
+
+def test_distinct_replies():
+    assert ev.distinct_replies(["a", "b", "a", "c"]) == pytest.approx(0.75)
+    assert ev.distinct_replies(["same"] * 5) == pytest.approx(0.2)
+    assert ev.distinct_replies(["A", "a", "a "]) == 1.0    # exact strings: the table shows them as they are
+    assert ev.distinct_replies([]) == 0.0
+
+
+BRIGHT = ["What a wonderful day, I love it!", "That is great news, congratulations!", "I am so happy and excited for you."]
+DARK = ["That is terrible, I am so sorry.", "This is awful and sad.", "I hate how painful and hopeless this feels."]
+
+
+def test_fit_gap_reads_the_valence_of_happy_and_sad_replies():
+    vader = ev.load_vader()
+    assert vader is not None                               # requirements.txt installs it
+    emos = ["happy"] * 3 + ["sad"] * 3
+    gap = ev.fit_gap(BRIGHT + DARK, emos, vader)
+    assert gap > 0.5 and ev.fit_gap(DARK + BRIGHT, emos, vader) == pytest.approx(-gap)
+    # replies to the other emotions are left out, whatever they say
+    assert ev.fit_gap(BRIGHT + DARK + DARK, emos + ["neutral"] * 3, vader) == pytest.approx(gap)
+    # the gap is the difference of the two means
+    c = [vader.polarity_scores(t)["compound"] for t in BRIGHT + DARK]
+    assert gap == pytest.approx(sum(c[:3]) / 3 - sum(c[3:]) / 3)
+    assert ev.fit_gap(["The train leaves at noon."] * 2, ["happy", "sad"], vader) == pytest.approx(0.0)
+    assert ev.fit_gap(BRIGHT, ["happy"] * 3, vader) is None   # no sad reply: no gap
+
+
+def test_no_vader_means_no_fit_gap(monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)   # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
+    vader = ev.load_vader()
+    assert vader is None and "vaderSentiment is not installed" in capsys.readouterr().out
+    assert ev.fit_gap(BRIGHT + DARK, ["happy"] * 3 + ["sad"] * 3, vader) is None
+
+
+def test_teacher_replies_use_the_stage2_prompt_and_its_cache(model, monkeypatch, tmp_path):
+    asked = []
+
+    def emotion_target_messages(text, emotion, paper=False):   # stands in for data.py's (the one prompt builder)
+        asked.append((text, emotion, paper))
+        return [{"role": "system", "content": ev.EMOTION_SYSTEM_PROMPT},
+                {"role": "user", "content": f"Continue in a {emotion} tone{'!' if paper else ''}: {text}"}]
+    monkeypatch.setattr(data, "emotion_target_messages", emotion_target_messages, raising=False)
+    texts, emos = ["the cat sat", "the cat sat", "hello world"], ["happy", "sad", "happy"]
+    path = str(tmp_path / "targets.jsonl")
+    got = ev.teacher_replies(model, texts, emos, path, max_new_tokens=5)
+    assert asked == [(t, e, False) for t, e in zip(texts, emos)] and len(got) == 3 and all(got)
+    want = [model.tok.decode(model.generate(emotion_target_messages(t, e), max_new_tokens=5)[0]).strip()
+            for t, e in zip(texts, emos)]
+    assert got == [cache.trim_repeats(w)[0] for w in want]   # the LLM's own greedy reply, as training cuts it
+    # a second call reads the cache: nothing is generated
+
+    def generate(*args, **kwargs):
+        raise RuntimeError("regenerated a cached target")
+    monkeypatch.setattr(model.decoder, "generate", generate)
+    assert ev.teacher_replies(model, texts, emos, path, max_new_tokens=5) == got
+    asked.clear()
+    with pytest.raises(RuntimeError, match="regenerated"):   # the paper's prompt is another prompt: not cached
+        ev.teacher_replies(model, texts, emos, path, max_new_tokens=5, paper=True)
+    assert asked and all(p for _, _, p in asked)

@@ -83,18 +83,23 @@ def test_end_to_end_smoke(tmp_path):
         assert len(targets) >= n_items and all(t["target"] for t in targets)
     # encoder features were cached under the cwd (tmp_path), one file per distinct clip
     feats = list((tmp_path / ".cache" / "features").glob("*.safetensors"))
-    assert len(feats) == 16 + 8 + 20 + 20
+    assert len(feats) == 16 + 8 + 20 + 20 + 10   # + emo_other: the 2 test sentences x 5 by the other engine
 
     # the report: every field present and sane
     r = json.loads((runs / "demo" / "report.json").read_text())
     for k in ("kl_start", "kl_end"):
         assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r[k])
     assert r["kl_end"] < r["kl_start"]                 # 8 steps at a high rate already bring it down
-    for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1", "ser_text_oracle", "tone_differ"):
+    for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1", "ser_text_oracle", "tone_differ",
+              "head_acc_other_engine", "distinct_replies", "ser_closed_acc", "ser_closed_acc_stage1",
+              "ser_closed_ceiling", "content_acc", "content_acc_floor", "content_acc_ceiling"):
         assert isinstance(r[k], (int, float)) and 0.0 <= r[k] <= 1.0, (k, r[k])
     # accuracies are fractions of the 20 held-out clips; the tone table has both held-out sentences
     assert all(round(r[k] * 20, 6) == int(round(r[k] * 20)) for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1",
                                                                    "ser_text_oracle"))
+    assert round(r["head_acc_other_engine"] * 10, 6) == int(round(r["head_acc_other_engine"] * 10))   # of 10 clips
+    for k in ("fit_gap", "fit_gap_stage1", "fit_gap_ceiling"):
+        assert isinstance(r[k], float) and -2.0 <= r[k] <= 2.0, (k, r[k])
     assert len(r["tone"]) == 2 and round(r["tone_differ"] * 2, 6) in (0.0, 1.0, 2.0)
     assert sum(map(sum, r["ser_confusion"])) == 20 and set(r["ser_recall"]) == set(data.EMOTIONS)
     assert 0 < r["wall_s"] <= elapsed + 1 and r["wall_s"] >= r["eval_s"]   # --started: the whole run
