@@ -15,7 +15,6 @@ Each measure has a floor or a ceiling beside it, so a number says how much of th
 import json
 import os
 import re
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +25,7 @@ import cache
 import data
 from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SER_QUESTION, SPEECH,
                   SYSTEM_PROMPT, emotion_label, make_example, read_manifest)
+from trainer import peak_rss_gb
 
 # Inflections a free-text reply uses for each label ("she sounds surprised", "anger", "happiness").
 _WORDS = {"neutral": r"neutral(?:ity)?", "happy": r"happ(?:y|ier|iness|ily)|joy(?:ful)?",
@@ -41,10 +41,6 @@ def extract_label(reply):
     """
     m = _LABEL_RE.search(reply)
     return next(k for k, v in m.groupdict().items() if v) if m else "unknown"
-
-
-def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # kB on Linux
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Stage 2, emotion alignment (DESIGN.md): the model learns to hear *how* something is said.
+"""Stage 2, emotion alignment: the model learns to hear *how* something is said.
 
 The frozen LLM, told the transcript and its emotion label, writes an emotion-aware continuation (the
 target). The speech model then learns to produce that continuation from the speech alone: the label is
@@ -8,22 +8,26 @@ LoRA delta applies only at the speech positions, so the LLM's text behaviour is 
 
     python train_emotion.py                                   # from runs/semantic, on speech/emo_*.jsonl
     python train_emotion.py --map="{'excited': 'happy', 'frustrated': 'angry'}"
-    python train_emotion.py --eval_only --init_from=runs/emotion   # SER accuracy of a trained run
+
+SER accuracy and the other measures of a trained run: python evaluate.py (its docstring says how).
 """
 import json
 import os
 import sys
+import time
+from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
 import cache
-import evaluate as ev
 from adapter import SpeechLM, ce_loss, emotion_loss
 from configurator import configure
 from data import (EMOTION_SYSTEM_PROMPT, EMOTIONS, emotion_label, emotion_student_parts, emotion_target_messages,
                   make_example, read_manifest)
-from trainer import TrainConfig, init_distributed, rank0_first, train
+from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
+                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan, plot_losses,
+                     rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_emotion.py --key=value overrides any of these ----
 init_from = "runs/semantic"     # the stage-1 run (its adapter, encoder and LLM)
@@ -41,20 +45,19 @@ paper_prompts = False           # True: the release's continuation prompts (data
 lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
-# CPU recipe: steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM:
-# about 2.5 s each on 2 cores) before the joint loop, so the head has seen 1,280 clips before the joint
-# loop's first step (measured: train accuracy 0.94 after 25 steps, 1.00 by 150). 0 = the paper's recipe exactly.
+# CPU recipe: steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM,
+# so each step is cheap) before the joint loop: the head has seen 1,280 clips when the joint loop starts.
+# 0 = the paper's recipe exactly.
 head_warmup_steps = 40
 head_warmup_lr = 1e-3
 max_train = 0
 max_eval = 0
-eval_only = False
 # the loop: the release used lr 2e-5, 200 warmup steps, batch 128, 3 epochs on ~70k utterances;
 # a CPU run has ~1,000 clips and a few hundred steps.
 batch_size = 8
 grad_accum = 1
 max_steps = 150
-epochs = 1.0
+epochs = 1.0                    # passes over the items, when max_steps = 0
 lr = 5e-4
 min_lr = 5e-5
 warmup_steps = 20
@@ -62,10 +65,10 @@ weight_decay = 0.05
 grad_clip = 1.0
 autocast = None             # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
 log_interval = 10
-eval_interval = 50
+eval_interval = 50              # 0: only at the end (as for ckpt_interval)
 ckpt_interval = 50
-keep_last = 2
-resume = False
+keep_last = 2                   # checkpoints kept; 0: all
+resume = False                  # continue from the newest checkpoint in out_dir/checkpoints
 seed = 0
 config = configure(globals(), sys.argv[1:])
 # -------------------------------------------------------------------------------
@@ -75,14 +78,12 @@ def prompt_for_target(item):
     return emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
 
 
-def load_items(model, manifest, limit, run_dir, with_targets=True):
-    """Manifest rows -> items with their label, encoder features and (for training) the LLM's target."""
+def load_items(model, manifest, limit, run_dir):
+    """Manifest rows -> items with their label, encoder features and the LLM's target."""
     rows = read_manifest(manifest)[:limit or None]
     for n, r in enumerate(rows, 1):
         r["label"] = emotion_label(r["emotion"], map, f"{manifest}:{n}")
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
-    if not with_targets:
-        return rows
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
@@ -121,37 +122,79 @@ def warm_up_head(model, items):
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{(logits.argmax(-1) == labels).float().mean():.2f}")
 
 
+@torch.no_grad()
+def evaluate(model, held_out, ctx):
+    """Mean held-out stats, batch by batch, in eval mode."""
+    model.eval()
+    with ctx:
+        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
+    model.train()
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
 def main():
-    rank, world, dev = init_distributed(device or None)
-    if eval_only:
-        model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
-        items = load_items(model, eval_manifest, max_eval, init_from, with_targets=False)
-        res = ev.ser_eval(model, items)
-        ev.print_ser(res, f"SER on {eval_manifest} ({init_from})")
-        return
+    rank, _, dev = init_distributed(device or None)
+    ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
+    torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
     model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
+    trainable = model.trainable_parameters()   # adapter, emotion head, LoRA
+    params = list(trainable.values())
+    opt = adamw(params, lr, weight_decay)
+    ctx = bf16_autocast(dev, model.dtype == torch.bfloat16 if autocast is None else autocast)
+    steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
+    if ckpt is None and head_warmup_steps:
+        warm_up_head(model, items)   # a resumed run finds the warmed-up weights in its checkpoint
+    step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
+    log = os.path.join(out_dir, "log.jsonl")
 
-    def evaluate():
-        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
-        return {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in ("ce", "emotion", "head_acc")}
+    stop, t0 = stop_signal(), time.time() - elapsed   # elapsed counts across resumes
+    sums, n, last_eval = defaultdict(float), 0, {}
+    model.train()
+    while step < steps:
+        lr_now = lr_at(step, lr, min_lr, warmup_steps, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        for idx in micro_batches(step, len(items), batch_size, grad_accum, seed):
+            with ctx:
+                loss, stats = losses(model, [items[i] for i in idx])
+            (loss / grad_accum).backward()   # summed over the micro-steps: the gradient of their mean loss
+            for k, v in {"loss": loss.item(), **stats}.items():
+                sums[k] += v / grad_accum
+        all_reduce_grads(params)             # under torchrun: the mean over ranks, as one process would have
+        if grad_clip > 0:
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, n = step + 1, n + 1
 
-    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir,
-                                 "autocast": model.dtype == torch.bfloat16 if autocast is None else autocast})
-    if head_warmup_steps and not (resume and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
-        warm_up_head(model, items)   # a resumed run restores the warmed-up weights from its checkpoint
-    result = train(model, lambda b: losses(model, b), items, cfg, eval_fn=evaluate if held_out else None,
-                   trainable=model.trainable_parameters().items(), run_config=config)
+        if due(step, log_interval, steps):
+            row, sums, n = mean_over_ranks(sums, n), defaultdict(float), 0
+            if rank == 0:
+                log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
+        if held_out and due(step, eval_interval, steps):
+            last_eval = evaluate(model, held_out, ctx)
+            if rank == 0:
+                log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
+        stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
+        if stopping or due(step, ckpt_interval, steps):
+            save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),
+                            batch_size=batch_size, elapsed=time.time() - t0)
+        if stopping:
+            raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
+
     if rank == 0:
         model.save_run(out_dir, {**config, "stage": "emotion", "whisper": model.config["whisper"],
                                  "llm": model.config["llm"]})
+        plot_losses(log, os.path.join(out_dir, "loss.png"))
+        summary = {"steps": step, **{f"eval_{k}": v for k, v in last_eval.items()}, "peak_rss_gb": peak_rss_gb()}
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump({"steps": result["step"], **{f"eval_{k}": v for k, v in result["eval"].items()},
-                       "peak_rss_gb": ev.peak_rss_gb()}, f, indent=2)
-        print(f"held-out: {result['eval']}; wrote {out_dir}/model.safetensors")
+            json.dump(summary, f, indent=2)
+        print(f"summary: {summary}; wrote {out_dir}/model.safetensors")
+    end_distributed()
 
 
 if __name__ == "__main__":

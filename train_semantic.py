@@ -1,4 +1,4 @@
-"""Stage 1, semantic alignment (DESIGN.md): the speech model learns to behave on speech as the LLM does on text.
+"""Stage 1, semantic alignment: the speech model learns to behave on speech as the LLM does on text.
 
 The frozen LLM continues each transcript; that continuation is the target. Then, on the same prompt,
 the LLM reading the transcript (teacher) and the LLM hearing the speech through the adapter (student)
@@ -12,6 +12,8 @@ learns; Whisper and the LLM stay frozen.
 import json
 import os
 import sys
+import time
+from collections import defaultdict
 
 import torch
 
@@ -19,8 +21,9 @@ import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT, make_example, read_manifest
-from evaluate import peak_rss_gb
-from trainer import TrainConfig, init_distributed, rank0_first, train
+from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
+                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan, plot_losses,
+                     rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_semantic.py --key=value overrides any of these ----
 whisper = "checkpoints/whisper-base"
@@ -31,18 +34,18 @@ out_dir = "runs/semantic"
 device = ""                 # "" picks cuda, then mps, then cpu
 dtype = "auto"              # the frozen encoder and LLM: "auto" is bf16 where the device runs it fast, else fp32
 padded = False              # encode clips padded to 30 s as the release does (slower, slightly different numbers)
-max_new_tokens = 48         # target length (DESIGN.md)
+max_new_tokens = 48         # target length
 gen_batch_size = 32
 kl_temperature = 2.0
 max_train = 0               # 0 = every clip in the manifest
 max_eval = 48
-# the loop (trainer.TrainConfig): the release used lr 1e-4, 1000 warmup steps, batch 768 over 1.9M pairs;
-# a 2-core CPU run sees ~1,200 pairs, so the learning rate is higher and the warmup shorter. Measured
-# (README, results): held-out KL 0.42 -> 0.30 by step 50, 0.285 at 150, 0.279 at 250: 150 steps is the budget.
+# the loop: the release used lr 1e-4, 1000 warmup steps, batch 768 over 1.9M pairs; a 2-core CPU run sees
+# ~1,200 pairs, so the learning rate is higher and the warmup shorter. The held-out KL falls most in the
+# first 50 steps and barely moves after 150 (README, results): 150 steps is the budget.
 batch_size = 8
 grad_accum = 1
 max_steps = 150
-epochs = 1.0
+epochs = 1.0                 # passes over the items, when max_steps = 0
 lr = 1e-3
 min_lr = 1e-4
 warmup_steps = 25
@@ -50,10 +53,10 @@ weight_decay = 0.05
 grad_clip = 1.0
 autocast = None             # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
 log_interval = 10
-eval_interval = 50
+eval_interval = 50          # 0: only at the end (as for ckpt_interval)
 ckpt_interval = 50
-keep_last = 2
-resume = False
+keep_last = 2               # checkpoints kept; 0: all
+resume = False              # continue from the newest checkpoint in out_dir/checkpoints
 seed = 0
 config = configure(globals(), sys.argv[1:])
 # -------------------------------------------------------------------------------
@@ -83,40 +86,82 @@ def losses(model, batch):
     return kl, {"kl": kl.item(), "ce": ce_loss(s["logits"], s["targets"]).item()}
 
 
+@torch.no_grad()
+def evaluate(model, held_out, ctx):
+    """Mean held-out stats, batch by batch, in eval mode."""
+    model.eval()
+    with ctx:
+        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
+    model.train()
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
 def main():
-    rank, world, dev = init_distributed(device or None)
+    rank, _, dev = init_distributed(device or None)
+    ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
+    torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.build(whisper, llm, device=dev, dtype=dtype)
     model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
+    trainable = model.trainable_parameters()   # the adapter
+    params = list(trainable.values())
+    opt = adamw(params, lr, weight_decay)
+    ctx = bf16_autocast(dev, model.dtype == torch.bfloat16 if autocast is None else autocast)
+    steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
+    step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
+    log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")
+    if ckpt is None and held_out:   # where the adapter starts from, kept for the summary
+        start = evaluate(model, held_out, ctx)
+        if rank == 0:
+            log_row(log, step=0, split="eval", **start)
+            with open(summary_path, "w") as f:
+                json.dump({"kl_start": start["kl"], "ce_start": start["ce"]}, f)
 
-    def evaluate():
-        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
-        return {k: sum(s[k] for s in stats) / max(len(stats), 1) for k in ("kl", "ce")}
+    stop, t0 = stop_signal(), time.time() - elapsed   # elapsed counts across resumes
+    sums, n, last_eval = defaultdict(float), 0, {}
+    model.train()
+    while step < steps:
+        lr_now = lr_at(step, lr, min_lr, warmup_steps, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        for idx in micro_batches(step, len(items), batch_size, grad_accum, seed):
+            with ctx:
+                loss, stats = losses(model, [items[i] for i in idx])
+            (loss / grad_accum).backward()   # summed over the micro-steps: the gradient of their mean loss
+            for k, v in {"loss": loss.item(), **stats}.items():
+                sums[k] += v / grad_accum
+        all_reduce_grads(params)             # under torchrun: the mean over ranks, as one process would have
+        if grad_clip > 0:
+            sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, n = step + 1, n + 1
 
-    cfg = TrainConfig.from_dict({**config, "run_dir": out_dir,
-                                 "autocast": model.dtype == torch.bfloat16 if autocast is None else autocast})
-    start = None
-    if not (resume and os.path.isdir(os.path.join(out_dir, "checkpoints"))):
-        model.eval()
-        with torch.no_grad():
-            start = evaluate()   # held-out KL at step 0: what the adapter starts from
-        model.train()
-        print(f"held-out at step 0: kl {start['kl']:.4f}  ce {start['ce']:.4f}")
-    result = train(model, lambda b: losses(model, b), items, cfg, eval_fn=evaluate if held_out else None,
-                   trainable=model.trainable_parameters().items(), run_config=config)
+        if due(step, log_interval, steps):
+            row, sums, n = mean_over_ranks(sums, n), defaultdict(float), 0
+            if rank == 0:
+                log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
+        if held_out and due(step, eval_interval, steps):
+            last_eval = evaluate(model, held_out, ctx)
+            if rank == 0:
+                log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
+        stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
+        if stopping or due(step, ckpt_interval, steps):
+            save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),
+                            batch_size=batch_size, elapsed=time.time() - t0)
+        if stopping:
+            raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
+
     if rank == 0:
         model.save_run(out_dir, {**config, "stage": "semantic"})
-        summary_path = os.path.join(out_dir, "summary.json")
+        plot_losses(log, os.path.join(out_dir, "loss.png"))
         summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        if start is not None:
-            summary.update(kl_start=start["kl"], ce_start=start["ce"])
-        summary.update(kl_end=result["eval"].get("kl"), ce_end=result["eval"].get("ce"), steps=result["step"],
-                       peak_rss_gb=peak_rss_gb())
+        summary.update(kl_end=last_eval.get("kl"), ce_end=last_eval.get("ce"), steps=step, peak_rss_gb=peak_rss_gb())
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"held-out kl {summary.get('kl_start', float('nan')):.4f} -> {summary['kl_end']:.4f}; "
-              f"wrote {out_dir}/model.safetensors")
+        print(f"summary: {summary}; wrote {out_dir}/model.safetensors")
+    end_distributed()
 
 
 if __name__ == "__main__":
