@@ -6,6 +6,7 @@ comment says why."""
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -431,7 +432,7 @@ class SpeechLM(nn.Module):
         return model.eval()
 
     def save_run(self, run_dir, config=None):
-        """Write config.json + model.safetensors (trainable weights only), each atomically (temp + rename).
+        """Write config.json + model.safetensors (trainable weights only), each atomically.
 
         config: the run's settings, whisper/llm paths usable from here (absolute or cwd-relative); they
         are written relative to run_dir. adapter, lora and num_emotions come from the model itself, so
@@ -444,12 +445,7 @@ class SpeechLM(nn.Module):
                       adapter=self.adapter.settings(), lora=lora_settings(self.decoder),
                       num_emotions=self.emotion_head.out_features if self.emotion_head is not None else 0)
         w_path, cfg_path = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "config.json")
-        save_file({n: t.to("cpu").contiguous() for n, t in self.trainable_state_dict().items()}, w_path + ".tmp",
-                  metadata={"format": "pt"})
-        os.replace(w_path + ".tmp", w_path)
-        with open(cfg_path + ".tmp", "w") as f:
-            json.dump(config, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cfg_path + ".tmp", cfg_path)
+        weights = {n: t.to("cpu").contiguous() for n, t in self.trainable_state_dict().items()}
+        data.atomic_write(w_path, lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        data.atomic_write(cfg_path, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
         self.config = {**config, **usable}

@@ -440,6 +440,19 @@ def emotion_label(name, mapping=None, where="manifest"):
     return EMOTIONS.index(e)
 
 
+def atomic_write(path, write):
+    """write(tmp) then rename tmp over path: a killed run leaves the old file or the new one, never a part
+    that a rerun would take for finished. The name is per process, so concurrent writers never share a tmp."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def read_manifest(path):
     """JSON lines -> list of dicts. Blank lines are skipped; a bad line is a ValueError naming file:line."""
     rows = []
