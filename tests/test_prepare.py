@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import convert
+import data
 import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +142,7 @@ def tiny_bpe(pre):
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(convert.QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(data.QWEN_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:  # smollm
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
