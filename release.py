@@ -39,6 +39,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from prepare import weight_map
+
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
 N_EMOTIONS = 5  # data.EMOTIONS: neutral, happy, angry, sad, surprise, the release's label order too
 # Qwen-1 Linear -> ours (model.py Decoder). Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate.
@@ -192,15 +194,7 @@ def read_index(src):
     loaded here to list its keys and returned too, so that it is read once), the index's path, {shard: dict}."""
     path = os.path.join(src, "pytorch_model.bin.index.json")
     if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                wm = {k: v for k, v in json.load(f)["weight_map"].items() if not IGNORED.match(k)}
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            _fail(f"{path}: not an index file ({e!r})")
-        for shard in sorted(set(wm.values())):
-            if not os.path.isfile(os.path.join(src, shard)):
-                _fail(f"{os.path.join(src, shard)}: shard missing (named by {path})")
-        return wm, path, {}
+        return {k: v for k, v in weight_map(path, ReleaseError).items() if not IGNORED.match(k)}, path, {}
     single = os.path.join(src, "pytorch_model.bin")
     if os.path.isfile(single):
         sd = _load_shard(single)

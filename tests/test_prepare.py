@@ -418,6 +418,13 @@ def test_local_folder_checks(tiny_llm, tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"model.safetensors: model.layers.1.self_attn.k_proj.weight has "
                                                    r"shape \[32, 64\], config.json implies \[64, 64\]"):
         prepare.check_hf_folder(str(bad), "llm")
+    index = bad / "model.safetensors.index.json"   # sharded: every file the index names must be there
+    index.write_text(json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-2.safetensors"}}))
+    with pytest.raises(prepare.PrepareError, match=r"no-weights/model-2.safetensors: missing \(listed in .*index"):
+        prepare.check_hf_folder(str(bad), "llm")
+    index.write_text("{")
+    with pytest.raises(prepare.PrepareError, match=r"no-weights/model.safetensors.index.json: not a weights index"):
+        prepare.check_hf_folder(str(bad), "llm")
     with pytest.raises(SystemExit, match=r"^error: --whisper=.*absent: neither one of base, tiny.en nor an existing folder$"):
         prepare.main([f"--llm={tmp_path / 'absent'}", f"--whisper={tmp_path / 'absent'}", f"--out={out}", "--no-speech"])
 
