@@ -121,21 +121,6 @@ def add_lora(decoder, r=16, alpha=16, dropout=0.05, targets=("wqkv", "wo", "w_ga
     return decoder
 
 
-def merge_lora(decoder):
-    """Fold the delta into the base weights and unwrap. This is LoRA applied at EVERY position (mask
-    all ones): a partial-LoRA model cannot be merged without changing what text positions see."""
-    for module in list(decoder.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    w = child.weight.float() + (child.lora_B.float() @ child.lora_A.float()) * child.scale
-                lin = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                lin.weight = nn.Parameter(w.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
-                lin.register_parameter("bias", child.bias)
-                setattr(module, name, lin)
-    return decoder
-
-
 def lora_settings(decoder):
     """The add_lora arguments that produced this decoder's LoRA, or None (for the run's config.json)."""
     mods = [(n.rsplit(".", 1)[-1], m) for n, m in decoder.named_modules() if isinstance(m, LoRALinear)]
@@ -143,11 +128,6 @@ def lora_settings(decoder):
         return None
     m = mods[0][1]
     return dict(r=m.r, alpha=m.alpha, dropout=m.lora_dropout.p, targets=sorted({n for n, _ in mods}))
-
-
-def lora_names(module):
-    """Names of the LoRA parameters in module (the ones partial LoRA trains)."""
-    return [n for n, _ in module.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
 
 
 # ----------------------------------------------------------------------------- emotion head + losses
@@ -182,14 +162,10 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
-def ce_loss(logits, labels):
-    """Cross-entropy on the target tokens. logits (B, S, V) with labels (B, S) as splice returns them
-    (position t predicts label t+1, the shift is done here), or logits (N, V) already gathered with
-    their targets (N,). IGNORE labels carry no loss; mean over the rest, as the release's response_ce."""
-    if logits.dim() == 3:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    keep = labels != IGNORE
-    return F.cross_entropy(logits[keep].float(), labels[keep])
+def ce_loss(logits, targets):
+    """Cross-entropy of logits (N, V) gathered at the response positions with their targets (N,)
+    (response_positions): the mean over the target tokens, as the release's response_ce."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def emotion_loss(logits, labels):
@@ -197,13 +173,11 @@ def emotion_loss(logits, labels):
     return F.cross_entropy(logits.float(), torch.as_tensor(labels, device=logits.device))
 
 
-def response_positions(labels, shift=True):
-    """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)).
-    shift=True: the positions that predict a target token (what ce_loss needs; we use it for the KL too).
-    shift=False: the release's response_kl positions, the target tokens themselves (labels != -100): that
-    skips the prediction of the first target token and adds the one after the last."""
-    if not shift:
-        return labels != IGNORE, labels[labels != IGNORE]
+def response_positions(labels):
+    """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)):
+    the positions that predict a target token, for ce_loss and the KL alike. (The release's response_kl reads
+    the target tokens themselves, labels != -100, which skips the prediction of the first target token and
+    adds the one after the last.)"""
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = labels[:, 1:] != IGNORE
     return at, labels[:, 1:][labels[:, 1:] != IGNORE]
@@ -318,7 +292,7 @@ class SpeechLM(nn.Module):
             stop_ids=stop_ids if stop_ids is not None else self.tok.eos_ids,
             lora_mask=batch["speech_mask"] if self.has_lora else None, on_token=on_token, generator=generator)
 
-    # --- training: logits at the positions that predict the target (response_positions, shift=True)
+    # --- training: logits at the positions that predict the target (response_positions)
 
     @torch.no_grad()
     def text_logits(self, examples):

@@ -359,7 +359,6 @@ def get_parser():
     p.add_argument("--no-speech", action="store_true", help="weights only: skip the speech synthesis")
     p.add_argument("--blsp-emo", metavar="PATH", default=None,
                    help="convert the authors' released BLSP-Emo folder into runs/blsp-emo-release (release.py)")
-    p.add_argument("--merge-lora", action="store_true", help=argparse.SUPPRESS)  # refused for the release: partial LoRA
     return p
 
 
@@ -375,7 +374,7 @@ def main(argv=None):
             synth.make_speech(out=args.speech)
         if args.blsp_emo:
             import release
-            release.convert(args.blsp_emo, "runs/blsp-emo-release", merge_lora=args.merge_lora)
+            release.convert(args.blsp_emo, "runs/blsp-emo-release")
     except PrepareError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:   # release.ReleaseError and synth's errors: one line naming the problem
