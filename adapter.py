@@ -95,9 +95,8 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"LoRALinear: lora_mask {tuple(mask.shape)} does not match the input {tuple(x.shape[:-1])}")
         # The delta only at the rows where the mask is non-zero (the speech: about a fifth of a training
         # prompt, and only while the prompt is read): the same numbers as a full-size delta times the mask,
-        # for a fraction of the work, dropout's random draws above all (measured on SmolLM2 with LoRA on
-        # every projection, a stage-2 forward + backward of 8 x 100 tokens: 4.3-4.9 s -> 2.5-3.5 s on 2
-        # cores). The decoder finds the rows once per forward (ctx.lora_rows); every LoRA layer shares them.
+        # for a fraction of the work, dropout's random draws above all. The decoder finds the rows once per
+        # forward (ctx.lora_rows); every LoRA layer shares them.
         rows = self.ctx.lora_rows
         xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))

@@ -3,7 +3,7 @@
 1. Encoder features. Whisper is frozen in both stages, so its output for a clip never changes:
    encode each clip once (real-frames mode by default: a 3 s clip costs a tenth of a 30 s one) and
    store it as fp16, keyed by the clip's bytes on disk, the encoder and the mode. Every epoch, both
-   stages and the evaluation then read the cache (CALIBRATION.md: the encoder is the hidden cost).
+   stages and the evaluation then read the cache instead of running the encoder again.
 2. Continuation targets. The frozen LLM writes the response the speech model must learn to give:
    a plain continuation of the transcript (stage 1) or an emotion-aware one (stage 2). Generation is
    the slow part, so results are appended line by line to a JSON-lines file: a rerun continues where
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch
 
-# Refusals are dropped from the targets (DESIGN.md, stage 1): a speech model trained to refuse learns nothing.
+# Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
             "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
 

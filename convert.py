@@ -245,7 +245,7 @@ def _gguf_reader(path):
 
     class Reader(gguf.GGUFReader):
         # The reader slices its np.memmap once per token string, and every memmap slice runs a Python
-        # __array_finalize__: parsing through a plain ndarray view of the same mapping is 3x faster
+        # __array_finalize__: parsing through a plain ndarray view of the same mapping is several times faster
         # (and dequantizing plain arrays skips the same cost per block).
         @property
         def data(self):

