@@ -447,10 +447,9 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if os.path.exists(tmp):   # write failed or was interrupted
             os.remove(tmp)
-        raise
 
 
 def read_manifest(path):
