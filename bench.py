@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # whisper-base encoder; Qwen2.5-0.5B-shaped decoder (494M, tied); SmolLM2-135M-shaped decoder (the
 # out-of-the-box LLM: the stage-1 step and the decode_small section)
