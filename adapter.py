@@ -6,6 +6,7 @@ comment says why."""
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -94,9 +95,8 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"LoRALinear: lora_mask {tuple(mask.shape)} does not match the input {tuple(x.shape[:-1])}")
         # The delta only at the rows where the mask is non-zero (the speech: about a fifth of a training
         # prompt, and only while the prompt is read): the same numbers as a full-size delta times the mask,
-        # for a fraction of the work, dropout's random draws above all (measured on SmolLM2 with LoRA on
-        # every projection, a stage-2 forward + backward of 8 x 100 tokens: 4.3-4.9 s -> 2.5-3.5 s on 2
-        # cores). The decoder finds the rows once per forward (ctx.lora_rows); every LoRA layer shares them.
+        # for a fraction of the work, dropout's random draws above all. The decoder finds the rows once per
+        # forward (ctx.lora_rows); every LoRA layer shares them.
         rows = self.ctx.lora_rows
         xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
@@ -120,21 +120,6 @@ def add_lora(decoder, r=16, alpha=16, dropout=0.05, targets=("wqkv", "wo", "w_ga
     return decoder
 
 
-def merge_lora(decoder):
-    """Fold the delta into the base weights and unwrap. This is LoRA applied at EVERY position (mask
-    all ones): a partial-LoRA model cannot be merged without changing what text positions see."""
-    for module in list(decoder.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    w = child.weight.float() + (child.lora_B.float() @ child.lora_A.float()) * child.scale
-                lin = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                lin.weight = nn.Parameter(w.to(child.weight.dtype), requires_grad=child.weight.requires_grad)
-                lin.register_parameter("bias", child.bias)
-                setattr(module, name, lin)
-    return decoder
-
-
 def lora_settings(decoder):
     """The add_lora arguments that produced this decoder's LoRA, or None (for the run's config.json)."""
     mods = [(n.rsplit(".", 1)[-1], m) for n, m in decoder.named_modules() if isinstance(m, LoRALinear)]
@@ -142,11 +127,6 @@ def lora_settings(decoder):
         return None
     m = mods[0][1]
     return dict(r=m.r, alpha=m.alpha, dropout=m.lora_dropout.p, targets=sorted({n for n, _ in mods}))
-
-
-def lora_names(module):
-    """Names of the LoRA parameters in module (the ones partial LoRA trains)."""
-    return [n for n, _ in module.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
 
 
 # ----------------------------------------------------------------------------- emotion head + losses
@@ -181,14 +161,10 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
-def ce_loss(logits, labels):
-    """Cross-entropy on the target tokens. logits (B, S, V) with labels (B, S) as splice returns them
-    (position t predicts label t+1, the shift is done here), or logits (N, V) already gathered with
-    their targets (N,). IGNORE labels carry no loss; mean over the rest, as the release's response_ce."""
-    if logits.dim() == 3:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    keep = labels != IGNORE
-    return F.cross_entropy(logits[keep].float(), labels[keep])
+def ce_loss(logits, targets):
+    """Cross-entropy of logits (N, V) gathered at the response positions with their targets (N,)
+    (response_positions): the mean over the target tokens, as the release's response_ce."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def emotion_loss(logits, labels):
@@ -196,13 +172,11 @@ def emotion_loss(logits, labels):
     return F.cross_entropy(logits.float(), torch.as_tensor(labels, device=logits.device))
 
 
-def response_positions(labels, shift=True):
-    """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)).
-    shift=True: the positions that predict a target token (what ce_loss needs; we use it for the KL too).
-    shift=False: the release's response_kl positions, the target tokens themselves (labels != -100): that
-    skips the prediction of the first target token and adds the one after the last."""
-    if not shift:
-        return labels != IGNORE, labels[labels != IGNORE]
+def response_positions(labels):
+    """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)):
+    the positions that predict a target token, for ce_loss and the KL alike. (The release's response_kl reads
+    the target tokens themselves, labels != -100, which skips the prediction of the first target token and
+    adds the one after the last.)"""
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = labels[:, 1:] != IGNORE
     return at, labels[:, 1:][labels[:, 1:] != IGNORE]
@@ -317,7 +291,7 @@ class SpeechLM(nn.Module):
             stop_ids=stop_ids if stop_ids is not None else self.tok.eos_ids,
             lora_mask=batch["speech_mask"] if self.has_lora else None, on_token=on_token, generator=generator)
 
-    # --- training: logits at the positions that predict the target (response_positions, shift=True)
+    # --- training: logits at the positions that predict the target (response_positions)
 
     @torch.no_grad()
     def text_logits(self, examples):
@@ -431,7 +405,7 @@ class SpeechLM(nn.Module):
         return model.eval()
 
     def save_run(self, run_dir, config=None):
-        """Write config.json + model.safetensors (trainable weights only), each atomically (temp + rename).
+        """Write config.json + model.safetensors (trainable weights only), each atomically.
 
         config: the run's settings, whisper/llm paths usable from here (absolute or cwd-relative); they
         are written relative to run_dir. adapter, lora and num_emotions come from the model itself, so
@@ -444,12 +418,7 @@ class SpeechLM(nn.Module):
                       adapter=self.adapter.settings(), lora=lora_settings(self.decoder),
                       num_emotions=self.emotion_head.out_features if self.emotion_head is not None else 0)
         w_path, cfg_path = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "config.json")
-        save_file({n: t.to("cpu").contiguous() for n, t in self.trainable_state_dict().items()}, w_path + ".tmp",
-                  metadata={"format": "pt"})
-        os.replace(w_path + ".tmp", w_path)
-        with open(cfg_path + ".tmp", "w") as f:
-            json.dump(config, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(cfg_path + ".tmp", cfg_path)
+        weights = {n: t.to("cpu").contiguous() for n, t in self.trainable_state_dict().items()}
+        data.atomic_write(w_path, lambda p: save_file(weights, p, metadata={"format": "pt"}))
+        data.atomic_write(cfg_path, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
         self.config = {**config, **usable}

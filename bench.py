@@ -25,10 +25,9 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # whisper-base encoder; Qwen2.5-0.5B-shaped decoder (494M, tied); SmolLM2-135M-shaped decoder (the
-# out-of-the-box LLM: the stage-1 step of CALIBRATION.md and the decode_small section)
+# out-of-the-box LLM: the stage-1 step and the decode_small section)
 FULL = dict(enc=dict(num_mel_bins=80, d_model=512, encoder_layers=6, encoder_attention_heads=8, encoder_ffn_dim=2048),
             dec=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                      num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True),
@@ -232,7 +231,7 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
     with tempfile.TemporaryDirectory() as folder:
         ref_lm = hf_causal_lm(kw, model_type, folder, device, dtype)
         ours = Decoder.from_pretrained(folder, dtype=dtype, device=device).eval()
-    if compile_:   # measured on 2 CPU cores: ~60 s to compile for ~3% faster steps (README), so off by default
+    if compile_:   # off by default: on a short CPU run, compiling costs more time than its faster steps save
         ours.decode_one_token = torch.compile(ours.decode_one_token, dynamic=True)
     prompt = torch.randint(0, kw["vocab_size"], (1, P), generator=torch.Generator().manual_seed(1)).to(device)
     rates, out = {"ours": [], "ref": []}, {}
@@ -270,7 +269,7 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
 
 # ----------------------------------------------------------------------------- 4. stage-1 step
 def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf16=False):
-    """One stage-1 step, CALIBRATION.md's shape: 80 tokens a row, 20 speech positions (160 cached encoder
+    """One stage-1 step, the demo run's shape: 80 tokens a row, 20 speech positions (160 cached encoder
     frames), 40 response positions; the LLM frozen, the teacher without grad, only the adapter trains
     (AdamW, clip 1.0). The same adapter init, data and weights drive our Decoder and transformers'
     model; both take logits at the response positions only."""
@@ -324,7 +323,7 @@ def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf1
 
 
 # ----------------------------------------------------------------------------- report
-# (name, section, result key, minimum): issue 6. log-mel is held to 5x on the identical padded output and
+# (name, section, result key, minimum): the speed claims. log-mel is held to 5x on the identical padded output and
 # on the real frames the pipeline computes (SpeechLM.encode_audio).
 TARGETS = [("log-mel padded >= 5x transformers", "log_mel", "speedup_padded", 5.0),
            ("log-mel real frames >= 5x transformers", "log_mel", "speedup_real", 5.0),

@@ -3,7 +3,7 @@
 1. Encoder features. Whisper is frozen in both stages, so its output for a clip never changes:
    encode each clip once (real-frames mode by default: a 3 s clip costs a tenth of a 30 s one) and
    store it as fp16, keyed by the clip's bytes on disk, the encoder and the mode. Every epoch, both
-   stages and the evaluation then read the cache (CALIBRATION.md: the encoder is the hidden cost).
+   stages and the evaluation then read the cache instead of running the encoder again.
 2. Continuation targets. The frozen LLM writes the response the speech model must learn to give:
    a plain continuation of the transcript (stage 1) or an emotion-aware one (stage 2). Generation is
    the slow part, so results are appended line by line to a JSON-lines file: a rerun continues where
@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import AudioError, N_SAMPLES, load_audio, log_mel, n_frames
+from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch
 
-# Refusals are dropped from the targets (DESIGN.md, stage 1): a speech model trained to refuse learns nothing.
+# Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
             "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
 
@@ -75,29 +75,17 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
         except AudioError as e:
             _warn(f"{e}; skipped")
             continue
-        if a.numel() > N_SAMPLES:
-            _warn(f"{p}: {a.numel() / 16000:.1f} s is longer than Whisper's 30 s window; cut to 30 s")
-            a = a[:N_SAMPLES]
+        if a.numel() > N_SAMPLES:   # log_mel_batch cuts it
+            _warn(f"{p}: {a.numel() / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window; cut to 30 s")
         audios[i] = a
     todo = sorted([t for t in todo if t[0] in audios], key=lambda t: audios[t[0]].numel())
-    n_mels = encoder.cfg.n_mels
     for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
         chunk = todo[b:b + batch_size]
-        clips = [audios[i] for i, _, _ in chunk]
-        if padded:
-            mel = torch.stack([log_mel(a, n_mels, pad_to_30s=True) for a in clips])
-            lengths = torch.tensor([n_frames(a.numel()) for a in clips])
-        else:
-            mels = [log_mel(a, n_mels, pad_to_30s=False) for a in clips]
-            lengths = torch.tensor([m.shape[-1] for m in mels])
-            mel = torch.zeros(len(mels), n_mels, int(lengths.max()))
-            for j, m in enumerate(mels):
-                mel[j, :, :m.shape[-1]] = m
+        mel, lengths = log_mel_batch([audios[i] for i, _, _ in chunk], encoder.cfg.n_mels, pad_to_30s=padded)
         x, out_len = encoder(mel.to(device, dtype), lengths.to(device))
         for j, (i, _, f) in enumerate(chunk):
             feats = x[j, :int(out_len[j])].to("cpu", torch.float16).contiguous()
-            save_file({"feats": feats}, f + ".tmp")
-            os.replace(f + ".tmp", f)   # atomic: an interrupted run never leaves half a file
+            atomic_write(f, lambda p: save_file({"feats": feats}, p))
             out[i] = feats
     return out
 

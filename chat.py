@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, SYSTEM_PROMPT,
-                  AudioError, load_audio)
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, N_SAMPLES, SAMPLE_RATE, SPEECH,
+                  SYSTEM_PROMPT, AudioError, load_audio)
 
 # The text before the speech in a turn, as each stage was trained to hear it: stage 1 continues, stage 2
 # replies to the speech alone (data.emotion_student_parts), the release follows spoken instructions as they are.
@@ -36,10 +36,9 @@ def read_clip(path):
         raise InputError(str(e)) from None
     if audio.abs().max() < 1e-4:
         raise InputError(f"{path}: the clip is silent (peak amplitude {audio.abs().max():.1e})")
-    if audio.numel() > 30 * 16000:
-        print(f"note: {path} is {audio.numel() / 16000:.1f} s; only its first 30 s are heard (Whisper's window)",
+    if audio.numel() > N_SAMPLES:   # data.log_mel_batch cuts it
+        print(f"note: {path} is {audio.numel() / SAMPLE_RATE:.1f} s; only its first 30 s are heard (Whisper's window)",
               file=sys.stderr)
-        audio = audio[:30 * 16000]
     return audio
 
 
@@ -48,7 +47,7 @@ class Streamer:
     split across tokens print only once complete."""
 
     def __init__(self, tok):
-        self.tok, self.ids, self.shown, self.t_first = tok, [], "", None
+        self.tok, self.ids, self.text, self.shown, self.t_first = tok, [], "", "", None
 
     def __call__(self, ids):
         t = int(ids[0])
@@ -57,10 +56,10 @@ class Streamer:
         if self.t_first is None:
             self.t_first = time.time()
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            print(text[len(self.shown):], end="", flush=True)
-            self.shown = text
+        self.text = self.tok.decode(self.ids)
+        if not self.text.endswith("\ufffd"):
+            print(self.text[len(self.shown):], end="", flush=True)
+            self.shown = self.text
 
 
 def reply(model, args, history, feats, stream=True):
@@ -74,7 +73,8 @@ def reply(model, args, history, feats, stream=True):
         ttft = (streamer.t_first or time.time()) - t0
         rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
         print(f"\n[{n} tokens; time to first token {ttft:.2f} s; {rate:.1f} tokens/s]", file=sys.stderr, end="")
-    return [model.tok.decode(t).strip() for t in new]
+    texts = [streamer.text] if stream else [model.tok.decode(t) for t in new]   # streamed: decoded already
+    return [t.strip() for t in texts]
 
 
 def ser_line(model, feats):
@@ -89,7 +89,7 @@ def budget_trim(model, history, feats, max_new_tokens):
     limit = model.decoder.cfg.max_seq_len - max_new_tokens
     def size():
         rows = model.tok.encode_chat(history)
-        n_speech = sum(int((f.shape[0] - 1) // 8 + 1) for f in feats)   # the adapter's x8 reduction, roughly
+        n_speech = sum(int(model.adapter.out_lengths(f.shape[0])) for f in feats)
         return len(rows) - rows.count(SPEECH) + n_speech
     while size() > limit and len(history) > 2:
         first = next(i for i, m in enumerate(history) if m["role"] != "system")

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from data import LLAMA3_PATTERN, QWEN_PATTERN
+
 
 class FormatError(ValueError):
     """A weights file that is not what it should be; the message names the file."""
@@ -218,13 +220,9 @@ GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weigh
 # BPE, whose split varies with tokenizer.ggml.pre, says PreTrainedTokenizerFast: tokenizer.json as written.
 ARCHS = {"llama": ("LlamaForCausalLM", "PreTrainedTokenizerFast"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Tokenizer")}
 
-# The split regexes of the hub tokenizers these vocabularies were trained with, by tokenizer.ggml.pre
-# (llama.cpp's llama-vocab.cpp lists the same ones). SmolLM2 (StarCoder lineage) isolates every digit
-# and then splits GPT-2 style; Qwen2 NFC-normalizes and splits with its own regex.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The pre-tokenizers of the hub tokenizers these vocabularies were trained with, by tokenizer.ggml.pre
+# (llama.cpp's llama-vocab.cpp lists the same ones), their split regexes data.py's. SmolLM2 (StarCoder
+# lineage) isolates every digit and then splits GPT-2 style; Qwen2 NFC-normalizes and splits with its own.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 
@@ -236,8 +234,8 @@ def _split(regex):
 PRE_TOKENIZERS = {  # pre -> (normalizer, pre_tokenizer)
     "smollm": (None, {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, dict(_BYTE_LEVEL, use_regex=True)]}),
-    "qwen2": ({"type": "NFC"}, _split(QWEN2_SPLIT)),
-    "llama-bpe": (None, _split(LLAMA3_SPLIT)),
+    "qwen2": ({"type": "NFC"}, _split(QWEN_PATTERN)),
+    "llama-bpe": (None, _split(LLAMA3_PATTERN)),
     "default": (None, dict(_BYTE_LEVEL, use_regex=True)),  # GPT-2's
 }
 
@@ -247,7 +245,7 @@ def _gguf_reader(path):
 
     class Reader(gguf.GGUFReader):
         # The reader slices its np.memmap once per token string, and every memmap slice runs a Python
-        # __array_finalize__: parsing through a plain ndarray view of the same mapping is 3x faster
+        # __array_finalize__: parsing through a plain ndarray view of the same mapping is several times faster
         # (and dequantizing plain arrays skips the same cost per block).
         @property
         def data(self):

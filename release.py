@@ -39,6 +39,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from prepare import weight_map
+
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
 N_EMOTIONS = 5  # data.EMOTIONS: neutral, happy, angry, sad, surprise, the release's label order too
 # Qwen-1 Linear -> ours (model.py Decoder). Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate.
@@ -48,9 +50,6 @@ QWEN_LINEARS = {"attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
 BLSP_DEFAULTS = {"conv_kernel_sizes": "5,5,5", "adapter_inner_dim": 512, "adapter_hidden_layers": 0,
                  "lora_config": {}, "lora_scope": "audio", "adapter_type": "subsampler", "num_emotions": 5}
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-MERGE_LORA_REFUSED = ("--merge-lora is not offered for the BLSP-Emo release: its LoRA is partial (lora_scope "
-                      "'audio': applied at the speech positions only), and merging it would apply it to every text "
-                      "and generated token too; the converted run keeps it unmerged")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # buffers some Qwen-1 revisions saved (their QWenLMHeadModel lists them as ignorable): recomputed, never weights
 IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attn\.masked_bias|registered_causal_mask)$")
@@ -192,15 +191,7 @@ def read_index(src):
     loaded here to list its keys and returned too, so that it is read once), the index's path, {shard: dict}."""
     path = os.path.join(src, "pytorch_model.bin.index.json")
     if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                wm = {k: v for k, v in json.load(f)["weight_map"].items() if not IGNORED.match(k)}
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            _fail(f"{path}: not an index file ({e!r})")
-        for shard in sorted(set(wm.values())):
-            if not os.path.isfile(os.path.join(src, shard)):
-                _fail(f"{os.path.join(src, shard)}: shard missing (named by {path})")
-        return wm, path, {}
+        return {k: v for k, v in weight_map(path, ReleaseError).items() if not IGNORED.match(k)}, path, {}
     single = os.path.join(src, "pytorch_model.bin")
     if os.path.isfile(single):
         sd = _load_shard(single)
@@ -235,10 +226,8 @@ def _gb(n):
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def convert(src, out_dir=DEFAULT_OUT, merge_lora=False, log=print):
+def convert(src, out_dir=DEFAULT_OUT, log=print):
     """Convert the release folder `src` into the run folder `out_dir`; returns out_dir. ReleaseError if it can't."""
-    if merge_lora:
-        _fail(MERGE_LORA_REFUSED)
     raw, run, dims, targets = read_config(src)
     a = run["adapter"]
     dims.update(inner_dim=a["inner_dim"], kernel_size=a["kernel_size"], lora_r=run["lora"]["r"] if run["lora"] else 0)
@@ -368,10 +357,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Convert the released BLSP-Emo checkpoint into a run folder of ours.")
     ap.add_argument("src", help="the downloaded release folder (cwang621/blsp-emo or iic/Blsp-Emo-Qwen-7B)")
     ap.add_argument("out", nargs="?", default=DEFAULT_OUT, help=f"run folder to write (default {DEFAULT_OUT})")
-    ap.add_argument("--merge-lora", "--merge_lora", action="store_true", help="refused: the release's LoRA is partial")
     args = ap.parse_args(argv)
     try:
-        out = convert(args.src, args.out, merge_lora=args.merge_lora)
+        out = convert(args.src, args.out)
     except ReleaseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

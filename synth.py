@@ -41,13 +41,11 @@ import soundfile as sf
 
 SAMPLE_RATE = 16000  # what Whisper hears
 ESPEAK_RATE = 22050  # what espeak-ng speaks
-EMOTIONS = ["neutral", "happy", "angry", "sad", "surprise"]  # label ids 0..4, the same order as data.EMOTIONS
 SENTENCES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentences.txt")
 TEST_EVERY = 7  # every 7th line of sentences.txt is a test sentence (63 of 442)
 
 # Speakers: an espeak language (accent) + a voice variant (formants, base pitch), with a personal pitch
-# offset and tempo. The two test voices pair an accent and a variant that each occur in training, never together
-# (the same pair the calibration probe held out).
+# offset and tempo. The two test voices pair an accent and a variant that each occur in training, never together.
 VOICES = {  # name: (espeak voice, pitch offset, rate factor)
     "us-f3": ("en-us+f3", 0, 1.00),
     "gb-m2": ("en+m2", 4, 0.97),
@@ -71,14 +69,15 @@ VOICES = {  # name: (espeak voice, pitch offset, rate factor)
 TEST_VOICES = ("gb-f3", "us-m3")
 TRAIN_VOICES = tuple(v for v in VOICES if v not in TEST_VOICES)
 
-# The recipes. espeak units: rate in words/minute, pitch and range 0-99 (of the variant's own pitch span),
-# volume 0-200, gap = extra pause between words in 10 ms. end: the clause ending, which picks espeak's
-# intonation tune (statement fall, exclamation, the trailing "...", question rise). last_rate, last_pitch:
-# SSML <prosody> on the last word in % (a surprised voice stretches and lifts it). tract: the samples are
-# replayed this much faster, which lifts pitch and formants together (a smile shortens the vocal tract) and
-# shortens the clip. tilt: gain-1 on the band above ~1 kHz (vocal effort: tense voices are brighter, sad ones
-# duller); drive: soft clipping (harshness). Loudness alone barely survives the frozen Whisper encoder
-# (CALIBRATION.md), so every class also differs in pitch, range, tempo, intonation and voice quality.
+# The recipes, one per emotion in data.EMOTIONS' order (not imported: this module stays free of torch, see
+# _sinc_kernel; tests/test_synth.py checks the order). espeak units: rate in words/minute, pitch and range
+# 0-99 (of the variant's own pitch span), volume 0-200, gap = extra pause between words in 10 ms. end: the
+# clause ending, which picks espeak's intonation tune (statement fall, exclamation, the trailing "...",
+# question rise). last_rate, last_pitch: SSML <prosody> on the last word in % (a surprised voice stretches and
+# lifts it). tract: the samples are replayed this much faster, which lifts pitch and formants together (a smile
+# shortens the vocal tract) and shortens the clip. tilt: gain-1 on the band above ~1 kHz (vocal effort: tense
+# voices are brighter, sad ones duller); drive: soft clipping (harshness). Loudness alone barely survives the
+# frozen Whisper encoder, so every class also differs in pitch, range, tempo, intonation and voice quality.
 RECIPES = {
     "neutral":  dict(rate=160, pitch=50, range=50, volume=100, gap=0, end=".", last_rate=100, last_pitch=0,
                      tract=1.00, tilt=0.0, drive=1.0),
@@ -99,7 +98,7 @@ def check_names(voice=None, emotion=None):
     if voice is not None and voice not in VOICES:
         raise ValueError(f"unknown voice {voice!r}; known voices: {', '.join(VOICES)}")
     if emotion is not None and emotion not in RECIPES:
-        raise ValueError(f"unknown emotion {emotion!r}; known emotions: {', '.join(EMOTIONS)}")
+        raise ValueError(f"unknown emotion {emotion!r}; known emotions: {', '.join(RECIPES)}")
 
 
 def load_sentences(path=SENTENCES_FILE):
@@ -198,7 +197,8 @@ def engine():
 @functools.lru_cache(maxsize=64)
 def _sinc_kernel(orig, new, width=6, rolloff=0.99):
     # torchaudio.functional.resample's Hann-windowed sinc (same numbers to float precision), in numpy so the
-    # speech maker's processes stay free of torch: forking a process that has imported torch costs ~60 ms
+    # speech maker's processes stay free of torch: every utterance is spoken by a forked child (Espeak), and
+    # forking a process that holds torch is many times slower
     g = math.gcd(orig, new)
     o, n = orig // g, new // g
     base = min(o, n) * rolloff
@@ -344,7 +344,8 @@ def synthesize(text, voice, emotion, rng=None, aug=None):
 
 
 def write_flac(path, audio):
-    """Atomic write (a killed run leaves no half file that a rerun would skip). 16-bit FLAC is deterministic."""
+    """Atomic write (a killed run leaves no half file that a rerun would skip), as data.atomic_write, which
+    would bring torch in. 16-bit FLAC is deterministic."""
     tmp = path + ".part"
     sf.write(tmp, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     os.replace(tmp, path)
@@ -375,10 +376,10 @@ def make_plan(seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_t
                      for k in range(n_asr_test)],
         # groups of five: one sentence in all five emotions, each emotion by another voice, so neither the
         # words nor the speaker predict the label; (j + 3e) mod V spreads every voice over every emotion
-        "emo_train": [clip(k, tr[(k // 5) % len(tr)], tv[(k // 5 + 3 * (k % 5)) % nv], EMOTIONS[k % 5])
+        "emo_train": [clip(k, tr[(k // 5) % len(tr)], tv[(k // 5 + 3 * (k % 5)) % nv], list(RECIPES)[k % 5])
                       for k in range(n_emo_train)],
         "emo_test": [clip(k, s, v, e) for k, (s, v, e) in enumerate(
-            (s, v, e) for s in te[:n_emo_test_sentences] for v in TEST_VOICES for e in EMOTIONS)],
+            (s, v, e) for s in te[:n_emo_test_sentences] for v in TEST_VOICES for e in RECIPES)],
     }
     return plan
 
@@ -535,7 +536,7 @@ def make_other(out="speech", seed=0, n_sentences=20, progress=True):
     test = make_plan(seed, 0, 0, 0, n_sentences)["emo_test"]  # the emo_test sentences, in emo_test's order
     sentences = list(dict.fromkeys((c["sentence"], c["text"]) for c in test))
     rows, t0 = [], time.time()
-    for k, ((i, text), e) in enumerate((s, e) for s in sentences for e in EMOTIONS):
+    for k, ((i, text), e) in enumerate((s, e) for s in sentences for e in RECIPES):
         clip_id = f"{k:05d}_s{i:03d}_{OTHER_VOICE}_{e}"
         rows.append(dict(audio=os.path.join(out, "emo_other", clip_id + ".flac"), text=text, emotion=e,
                          voice=OTHER_VOICE))

@@ -1,6 +1,31 @@
-# cache.py: what the training stages keep from the frozen networks. Here: the targets' clean-up (loops cut,
-# refusals and empty targets dropped and counted), on hand-written records.
+# cache.py: what the training stages keep from the frozen networks: encoder features (a tiny random encoder)
+# and the targets' clean-up (loops cut, refusals and empty targets dropped and counted), on hand-written records.
+import soundfile as sf
+import torch
+
 import cache
+from data import N_SAMPLES, SAMPLE_RATE, load_audio, log_mel
+from model import WhisperConfig, WhisperEncoder
+
+
+def test_encode_clips_caches_each_clip_alone_and_skips_bad_ones(tmp_path, capsys):
+    torch.manual_seed(0)
+    enc = WhisperEncoder(WhisperConfig(n_mels=80, d_model=16, n_heads=2, n_layers=1, ffn_dim=32)).eval()
+    clips = [str(tmp_path / f"{s}s.wav") for s in (0.7, 2.3, 31)]
+    for path, seconds in zip(clips, (0.7, 2.3, 31)):
+        sf.write(path, 0.1 * torch.randn(int(seconds * SAMPLE_RATE)).numpy(), SAMPLE_RATE)
+    paths = clips[:1] + [str(tmp_path / "missing.wav")] + clips[1:]
+    feats = cache.encode_clips(enc, paths, str(tmp_path / "feats"), "enc", batch_size=2)
+    err = capsys.readouterr().err
+    assert feats[1] is None and "missing.wav: no such audio file" in err and "31.0 s is longer" in err
+    feats = feats[:1] + feats[2:]
+    for f, path in zip(feats, clips):   # the two short ones batched, yet each its own; the long one cut to 30 s
+        mel = log_mel(load_audio(path)[:N_SAMPLES], pad_to_30s=False)
+        with torch.no_grad():
+            want = enc(mel[None], lengths=torch.tensor([mel.shape[-1]]))[0][0]
+        assert f.dtype == torch.float16 and torch.allclose(f.float(), want, rtol=1e-3, atol=2e-3)
+    again = cache.encode_clips(None, paths, str(tmp_path / "feats"), "enc")   # read back: no encoder runs
+    assert again[1] is None and all(torch.equal(a, b) for a, b in zip(again[:1] + again[2:], feats))
 
 
 def test_trim_repeats_cuts_at_the_first_repeated_sentence():

@@ -338,7 +338,7 @@ def test_bad_whisper_checkpoint_names_the_key(whisper80, tmp_path):
         WhisperEncoder.from_pretrained(tmp_path, device="cpu")
 
 
-def test_config_errors_and_helpers():
+def test_config_errors_and_helpers(monkeypatch):
     with pytest.raises(ValueError, match="gpt2"):
         DecoderConfig.from_hf({"model_type": "gpt2", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1,
                                "num_attention_heads": 2})
@@ -353,7 +353,12 @@ def test_config_errors_and_helpers():
     assert parse_dtype(None) is None and parse_dtype(torch.float16) is torch.float16
     with pytest.raises(ValueError, match="fp8"):
         parse_dtype("fp8")
-    assert pick_device("cpu") == torch.device("cpu") and isinstance(pick_device(), torch.device)
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # no device named: a GPU if there is one
+    assert pick_device() == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- the dtype pick

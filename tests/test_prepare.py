@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import convert
+import data
 import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +142,7 @@ def tiny_bpe(pre):
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(convert.QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(data.QWEN_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:  # smollm
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -417,6 +418,13 @@ def test_local_folder_checks(tiny_llm, tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"model.safetensors: model.layers.1.self_attn.k_proj.weight has "
                                                    r"shape \[32, 64\], config.json implies \[64, 64\]"):
         prepare.check_hf_folder(str(bad), "llm")
+    index = bad / "model.safetensors.index.json"   # sharded: every file the index names must be there
+    index.write_text(json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-2.safetensors"}}))
+    with pytest.raises(prepare.PrepareError, match=r"no-weights/model-2.safetensors: missing \(listed in .*index"):
+        prepare.check_hf_folder(str(bad), "llm")
+    index.write_text("{")
+    with pytest.raises(prepare.PrepareError, match=r"no-weights/model.safetensors.index.json: not a weights index"):
+        prepare.check_hf_folder(str(bad), "llm")
     with pytest.raises(SystemExit, match=r"^error: --whisper=.*absent: neither one of base, tiny.en nor an existing folder$"):
         prepare.main([f"--llm={tmp_path / 'absent'}", f"--whisper={tmp_path / 'absent'}", f"--out={out}", "--no-speech"])
 
@@ -521,7 +529,7 @@ def wer(ref, hyp):
 
 @pytest.mark.slow
 def test_real_whisper_transcribes_neutral_synth_clips(real):
-    """Issue 9: the speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched.
+    """The speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched.
     The CTranslate2 runtime decodes with the very file prepare.py converted (our code has the encoder only),
     fed our log-mel; the voices are the two test voices, the sentences are test sentences."""
     import ctranslate2

@@ -271,13 +271,6 @@ def test_unsupported_config(pristine, tmp_path, field, value):
     assert f"{field}={value!r}" in msg or f"{field}={value}" in msg, msg
 
 
-def test_merge_lora_is_refused_with_the_reason(pristine, tmp_path, capsys):
-    assert release.main([str(pristine), str(tmp_path / "out"), "--merge-lora"]) == 1
-    err = capsys.readouterr().err
-    assert "--merge-lora is not offered" in err and "partial" in err and err.count("\n") == 1
-    assert not (tmp_path / "out").exists()
-
-
 def test_does_not_replace_a_foreign_folder(pristine, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 import synth
+from data import EMOTIONS
 
 TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, real=False, progress=False,
             other=False)
@@ -56,7 +57,7 @@ def test_manifests_and_audio(tmp_path):
             assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC")
             assert 0.5 < info.duration < 15.0, (x, info.duration)
     emo = [json.loads(ln) for ln in open(r["emo_train"])]
-    assert [x["emotion"] for x in emo] == synth.EMOTIONS and len({x["text"] for x in emo}) == 1
+    assert [x["emotion"] for x in emo] == EMOTIONS and len({x["text"] for x in emo}) == 1
     assert all(set(x["aug"]) == {"tilt", "drive", "reverb", "lowpass", "noise", "gain_db", "seed"} for x in emo)
 
 
@@ -93,14 +94,14 @@ def test_split_shares_no_voice_and_no_sentence():
     for c in plan["emo_test"]:
         seen.setdefault(c["text"], set()).add((c["voice"], c["emotion"]))
     assert len(seen) == 20
-    assert all(v == {(tv, e) for tv in synth.TEST_VOICES for e in synth.EMOTIONS} for v in seen.values())
+    assert all(v == {(tv, e) for tv in synth.TEST_VOICES for e in EMOTIONS} for v in seen.values())
     # in training, the emotions are balanced and each sentence is spoken in all five
     em = [c["emotion"] for c in plan["emo_train"]]
-    assert all(em.count(e) == 200 for e in synth.EMOTIONS)
+    assert all(em.count(e) == 200 for e in EMOTIONS)
     by_text = {}
     for c in plan["emo_train"]:
         by_text.setdefault(c["text"], set()).add(c["emotion"])
-    assert all(v == set(synth.EMOTIONS) for v in by_text.values())
+    assert all(v == set(EMOTIONS) for v in by_text.values())
 
 
 def test_unknown_names_are_named():
@@ -152,7 +153,7 @@ def measured():
              "The museum keeps its collection of old clocks in a long room on the second floor."]
     out = {}
     for v in synth.TEST_VOICES:  # one female, one male voice
-        for e in synth.EMOTIONS:
+        for e in EMOTIONS:
             ms = [measure(synth.synthesize(t, v, e, np.random.default_rng(i)), t) for i, t in enumerate(texts)]
             out[v, e] = {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
     return out
@@ -160,7 +161,7 @@ def measured():
 
 @pytest.mark.parametrize("voice", synth.TEST_VOICES)
 def test_recipes_differ_in_pitch(measured, voice):
-    m = {e: measured[voice, e]["f0"] for e in synth.EMOTIONS}
+    m = {e: measured[voice, e]["f0"] for e in EMOTIONS}
     assert m["sad"] < m["neutral"] - 3, m  # semitones
     assert m["neutral"] < m["angry"] < m["happy"] - 3, m
     assert m["happy"] > m["neutral"] + 6 and m["surprise"] > m["neutral"] + 6, m
@@ -168,7 +169,7 @@ def test_recipes_differ_in_pitch(measured, voice):
 
 @pytest.mark.parametrize("voice", synth.TEST_VOICES)
 def test_recipes_differ_in_rate(measured, voice):
-    m = {e: measured[voice, e]["spw"] for e in synth.EMOTIONS}
+    m = {e: measured[voice, e]["spw"] for e in EMOTIONS}
     assert m["sad"] > 1.5 * m["neutral"], m  # slow, with pauses
     assert m["happy"] < 0.9 * m["neutral"] and m["angry"] < m["neutral"], m
     assert m["surprise"] > m["happy"] * 1.2, m  # the stretched last word
@@ -176,8 +177,8 @@ def test_recipes_differ_in_rate(measured, voice):
 
 @pytest.mark.parametrize("voice", synth.TEST_VOICES)
 def test_recipes_differ_in_loudness_and_tilt(measured, voice):
-    db = {e: measured[voice, e]["db"] for e in synth.EMOTIONS}
-    high = {e: measured[voice, e]["high"] for e in synth.EMOTIONS}
+    db = {e: measured[voice, e]["db"] for e in EMOTIONS}
+    high = {e: measured[voice, e]["high"] for e in EMOTIONS}
     assert db["angry"] > db["happy"] > db["neutral"] > db["sad"] + 4, db
     assert high["angry"] > high["neutral"] + 3 > high["sad"] + 6, high  # dB of energy above 2 kHz
 
@@ -190,7 +191,7 @@ def measured_augmented():
              "The museum keeps its collection of old clocks in a long room on the second floor."]
     out = {}
     for v in ("us-f3", "us-klatt2"):  # training voices, one of each of espeak's two synthesizers
-        for j, e in enumerate(synth.EMOTIONS):
+        for j, e in enumerate(EMOTIONS):
             ms = []
             for i, t in enumerate(texts):
                 aug = synth.augment_params(np.random.default_rng([i, j]))
@@ -201,7 +202,7 @@ def measured_augmented():
 
 @pytest.mark.parametrize("voice", ("us-f3", "us-klatt2"))
 def test_augmented_clips_keep_the_order(measured_augmented, voice):
-    m = {e: measured_augmented[voice, e] for e in synth.EMOTIONS}
+    m = {e: measured_augmented[voice, e] for e in EMOTIONS}
     f0, spw, db = ({e: m[e][k] for e in m} for k in ("f0", "spw", "db"))
     assert f0["sad"] < f0["neutral"] - 3 and f0["neutral"] < f0["happy"] - 6, f0  # semitones
     assert f0["angry"] < f0["happy"] - 3 and f0["surprise"] > f0["neutral"] + 6, f0
@@ -254,7 +255,7 @@ def test_other_engine_manifest(other):
 def test_other_engine_follows_the_recipes(other):
     rows = [json.loads(ln) for ln in open(other[1])]
     by = {e: [measure(sf.read(r["audio"], dtype="float32")[0], r["text"]) for r in rows if r["emotion"] == e]
-          for e in synth.EMOTIONS}
+          for e in EMOTIONS}
     f0, spw, db = ({e: float(np.mean([m[k] for m in by[e]])) for e in by} for k in ("f0", "spw", "db"))
     assert f0["sad"] < f0["neutral"] - 1 and f0["neutral"] + 0.5 < f0["angry"] < f0["happy"] - 0.5, f0  # semitones
     assert f0["happy"] > f0["neutral"] + 2 and f0["surprise"] > f0["neutral"] + 2, f0
