@@ -442,10 +442,13 @@ def emotion_label(name, mapping=None, where="manifest"):
 
 def atomic_write(path, write):
     """write(tmp) then rename tmp over path: a killed run leaves the old file or the new one, never a part
-    that a rerun would take for finished. The name is per process, so concurrent writers never share a tmp."""
+    that a rerun would take for finished. The name is per process, so concurrent writers never share a tmp;
+    fsync before the rename, so a power cut cannot leave the new name on unwritten blocks."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):   # write failed or was interrupted

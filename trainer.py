@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from data import atomic_write
+
 # ----------------------------------------------------------------------------------------------
 # device and torchrun: outside torchrun every helper here acts as one process would
 
@@ -177,20 +179,6 @@ def adamw(params, lr, weight_decay):
 
 # ----------------------------------------------------------------------------------------------
 # files: atomic writes, checkpoints, exact resume
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then rename over path: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def list_checkpoints(run_dir):

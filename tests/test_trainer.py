@@ -258,21 +258,6 @@ def test_weight_decay_skips_biases_and_gains():
     assert [(g["params"], g["weight_decay"]) for g in opt.param_groups] == [([w], 0.5), ([b], 0.0)]
 
 
-def test_atomic_write_leaves_no_partial_file(tmp_path):
-    path = tmp_path / "weights.bin"
-    path.write_bytes(b"old complete file")
-
-    def crash_midway(tmp):
-        Path(tmp).write_bytes(b"half of the new")
-        raise RuntimeError("disk died")
-
-    with pytest.raises(RuntimeError):
-        trainer.atomic_write(path, crash_midway)
-    assert path.read_bytes() == b"old complete file" and os.listdir(tmp_path) == ["weights.bin"]
-    trainer.atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new"))
-    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["weights.bin"]
-
-
 def test_resume_refuses_other_data(tmp_path):
     # a checkpoint's place in the batch order means nothing for another item count or batch size
     w = torch.nn.Parameter(torch.ones(2, 2))
