@@ -217,7 +217,7 @@ class SpeechLM(nn.Module):
                 raise ValueError(f"encode_audio: clip {i} has {len(a)} samples, less than one mel frame")
         # each clip's mel computed alone (cut to 30 s) and zero-padded: a batch equals each clip alone
         mel, frames = data.log_mel_batch([a.to(w.device) for a in clips], self.encoder.cfg.n_mels, pad_to_30s=padded)
-        x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device))
+        x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded)
         return [x[i, :n] for i, n in enumerate(out_lengths.tolist())]
 
     def speech_embeds(self, feats):

@@ -82,7 +82,7 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
     for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
         chunk = todo[b:b + batch_size]
         mel, lengths = log_mel_batch([audios[i] for i, _, _ in chunk], encoder.cfg.n_mels, pad_to_30s=padded)
-        x, out_len = encoder(mel.to(device, dtype), lengths.to(device))
+        x, out_len = encoder(mel.to(device, dtype), lengths.to(device), padded=padded)
         for j, (i, _, f) in enumerate(chunk):
             feats = x[j, :int(out_len[j])].to("cpu", torch.float16).contiguous()
             atomic_write(f, lambda p: save_file({"feats": feats}, p))

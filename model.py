@@ -204,7 +204,10 @@ class WhisperEncoder(nn.Module):
                                     for _ in range(cfg.n_layers))
         self.ln_post = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, mel, lengths=None):
+    def forward(self, mel, lengths=None, padded=False):
+        """mel (B, n_mels, T <= 3000), lengths (B,) real mel frames -> (B, T_out, d), out lengths (B,).
+        padded=True is the release's mode (every clip padded to 30 s, attention over the padding); else
+        each row is masked past its length, even when the longest row fills the whole window."""
         B, M, T = mel.shape
         if M != self.cfg.n_mels or T > 2 * self.cfg.n_ctx:
             raise ValueError(f"expected mel (B, {self.cfg.n_mels}, T <= {2 * self.cfg.n_ctx}), "
@@ -217,7 +220,7 @@ class WhisperEncoder(nn.Module):
         # Real-frames mode masks each row past its length, so a batch equals each clip alone: the
         # convs' zero padding is reproduced by zeroing past the end, and padded keys are hidden.
         mask = None
-        if lengths is not None and T < 2 * self.cfg.n_ctx:
+        if lengths is not None and not padded:
             frames = (torch.arange(T, device=mel.device) < lengths[:, None])[:, None]
             x = F.gelu(self.conv1(x * frames)) * frames
             mask = (torch.arange(T_out, device=mel.device) < out_lengths[:, None])[:, None, None]

@@ -87,8 +87,13 @@ def test_whisper_real_frames_batch_equals_each_clip_alone(whisper80):
             assert n.tolist() == [out_len[i].item()]
             assert max_diff(out[i, :n[0]], alone[0]) < 1e-5
         # padded mode ignores lengths (the reference attends over padding) but still reports them
-        full, full_len = enc(torch.randn(1, 80, 3000), torch.tensor([400]))
+        full, full_len = enc(torch.randn(1, 80, 3000), torch.tensor([400]), padded=True)
         assert full.shape == (1, 1500, 32) and full_len.tolist() == [200]
+        # real frames: a short clip beside one that fills the whole 30 s window is still masked
+        both = torch.randn(2, 80, 3000) * 5
+        both[1, :, :51] = clips[2]
+        out, out_len = enc(both, torch.tensor([3000, 51]))
+        assert out_len.tolist() == [1500, 26] and max_diff(out[1, :26], enc(clips[2][None])[0][0]) < 1e-5
     with pytest.raises(ValueError, match="80"):
         enc(torch.randn(1, 128, 100))
 
