@@ -276,7 +276,8 @@ def test_scripts_import_neither_the_model_here_nor_evaluate():
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         return names | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
 
-    assert not imported("trainer.py") & {"model", "adapter", "data", "cache"}
+    # trainer.py may use data.py's file helpers (atomic_write), never the networks or their caches
+    assert not imported("trainer.py") & {"model", "adapter", "cache"}
     assert "evaluate" not in imported("train_semantic.py") | imported("train_emotion.py")
 
 
