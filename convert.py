@@ -6,18 +6,23 @@ model.py and data.py read.
   Our own reader (the format is a flat list of named arrays); no ctranslate2 at run time.
 - GGUF (llama / qwen2) -> config.json, generation_config.json, model.safetensors and the byte-level
   BPE tokenizer files, dequantized with llama.cpp's own `gguf` package.
+- Any of the tokenizer layouts (tokenizer.json, vocab.json + merges.txt, Qwen-1's qwen.tiktoken, Llama-3's
+  tokenizer.model) -> tokenizer.tiktoken + tokenizer.tiktoken.json, the two files data.Tokenizer reads.
 """
+import base64
+import binascii
 import json
 import os
 import re
 import struct
+from functools import lru_cache
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import LLAMA3_PATTERN, QWEN_PATTERN
+from data import atomic_write
 
 
 class FormatError(ValueError):
@@ -202,6 +207,192 @@ def convert_whisper(path, out_dir, dtype=None):
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     _write(os.path.join(out_dir, "config.json"), cfg)
     return cfg
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers -> tokenizer.tiktoken (Qwen-1's rank file: base64 token, rank) + tokenizer.tiktoken.json (the rest)
+
+# Pre-tokenizer regexes. Qwen-1/Qwen2 ship theirs (Qwen2's tokenizer.json Split pattern is this same one);
+# Llama-3 differs only in grouping digits by up to three; GPT-2 is tokenizers' ByteLevel default.
+QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2 (llama.cpp pre "smollm") runs two pre-tokenizers: Digits(individual) then the GPT-2 regex on each
+# piece. One regex does the same: a digit stands alone and never takes the space before it, and a digit counts
+# as the end of the text for the whitespace lookahead (a space run before a digit ends its piece).
+SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+QWEN1_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+LLAMA3_SPECIALS = [  # meta-llama/llama3 tokenizer.py: 256 specials after the ranks
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|reserved_special_token_4|>", "<|eot_id|>"] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
+STOP_NAMES = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>"]
+PAD_NAMES = ["<|endoftext|>", "<|finetune_right_pad_id|>", "<|end_of_text|>"]
+
+
+@lru_cache(maxsize=None)
+def byte_decoder():
+    # GPT-2's byte-level BPE writes each byte as a printable char: printable latin-1 bytes as themselves, the
+    # rest as chr(256 + k) in byte order. Invert that table.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    rest = [b for b in range(256) if b not in bs]
+    return {chr(c): b for b, c in zip(bs + rest, bs + [256 + k for k in range(len(rest))])}
+
+
+def _read_json(path):
+    return json.loads(open(path, encoding="utf-8").read()) if os.path.isfile(path) else None
+
+
+def read_tiktoken(path):
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise FormatError(f"{path}:{n}: not a tiktoken rank line ('<base64 token> <rank>')") from None
+    return ranks
+
+
+def _bpe_ranks(vocab, merges, where, unk=None):
+    """HF byte-level vocab + merges -> (tiktoken ranks in merge order, the vocab id of each rank, id -> bytes).
+    tiktoken merges the adjacent pair whose *result* has the lowest rank; HF BPE merges the pair whose *rule*
+    comes first. They agree when a token's rank is the index of the rule that made it, so ranks are the 256
+    single bytes (in id order) and then the merges in file order, whatever ids the vocab gives them."""
+    dec = byte_decoder()
+
+    def to_bytes(s):
+        return bytes(dec[c] for c in s) if all(c in dec for c in s) else None
+
+    id_bytes = {i: b for s, i in vocab.items() if (b := to_bytes(s)) is not None}
+    singles = sorted((i, b) for i, b in id_bytes.items() if len(b) == 1)
+    # Real vocabs can lack a few bytes (SmolLM2 lacks 21: six rare controls, bytes never in UTF-8). HF emits unk
+    # for them, or drops them when there is no unk; tiktoken needs every byte ranked, so they rank as `unk`
+    # (None: dropped after encoding). One difference stays: HF drops before merging, so its neighbours may
+    # merge across a dropped byte; here they cannot (only for such a control byte inside a punctuation run).
+    missing = sorted(set(range(256)) - {b[0] for _, b in singles})
+    ranks = {b: r for r, (_, b) in enumerate(singles + [(unk, bytes([m])) for m in missing])}
+    rank_ids = [i for i, _ in singles] + [unk] * len(missing)
+    for n, (a, b) in enumerate(merges, 1):
+        if a + b not in vocab:
+            raise FormatError(f"{where}: merge {n} ({a!r} {b!r}) makes a token that is not in the vocab")
+        tok = to_bytes(a + b)
+        if tok not in ranks:
+            ranks[tok] = len(ranks)
+            rank_ids.append(vocab[a + b])
+    return ranks, rank_ids, id_bytes
+
+
+def _pattern_from_json(pre, normalizer, where):
+    """tokenizer.json's pre_tokenizer -> one tiktoken regex; its normalizer -> whether to NFC first (Qwen2)."""
+    steps = pre["pretokenizers"] if pre and pre["type"] == "Sequence" else [pre] if pre else []
+    split, byte_regex, digits = None, False, False
+    for s in steps:
+        if s["type"] == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
+            p = s["pattern"]
+            split = p["Regex"] if "Regex" in p else re.escape(p["String"])
+        elif s["type"] == "ByteLevel" and not s.get("add_prefix_space"):
+            byte_regex = s.get("use_regex", True)
+        elif s["type"] == "Digits" and s.get("individual_digits"):
+            digits = True
+        else:
+            raise FormatError(f"{where}: unsupported pre-tokenizer step {s}")
+    norms = normalizer["normalizers"] if normalizer and normalizer["type"] == "Sequence" else [normalizer]
+    if any(n and n["type"] != "NFC" for n in norms):
+        raise FormatError(f"{where}: unsupported normalizer {normalizer}")
+    nfc = any(n and n["type"] == "NFC" for n in norms)
+    if split and not byte_regex and not digits:
+        return split, nfc
+    if byte_regex and not split:
+        return (SMOLLM_PATTERN if digits else GPT2_PATTERN), nfc
+    raise FormatError(f"{where}: unsupported pre-tokenizer combination {pre}")
+
+
+def read_tokenizer(folder):
+    """A folder's own tokenizer files -> (ranks, meta): tiktoken's bytes -> rank, and what tokenizer.tiktoken.json
+    holds: the split regex, NFC or not, the added tokens (name -> id; `plain` ones are matched whole like the
+    rest but are not specials), the vocab id of each rank (None when ids are ranks), chat format, stops, pad."""
+    config = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+    if os.path.isfile(os.path.join(folder, "chat_template.jinja")):  # newer transformers save the template alone
+        config.setdefault("chat_template", open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8").read())
+    added = {v["content"]: (int(i), v.get("special", True)) for i, v in (config.get("added_tokens_decoder") or {}).items()}
+    rank_ids = id_bytes = None
+    template = None
+    if os.path.isfile(where := os.path.join(folder, "tokenizer.json")):
+        tj = _read_json(where)
+        model = tj["model"]
+        if model.get("type", "BPE") != "BPE":
+            raise FormatError(f"{where}: model type {model.get('type')} is not BPE")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        ranks, rank_ids, id_bytes = _bpe_ranks(model["vocab"], merges, where, model["vocab"].get(model.get("unk_token")))
+        pattern, nfc = _pattern_from_json(tj.get("pre_tokenizer"), tj.get("normalizer"), where)
+        added.update({t["content"]: (t["id"], t.get("special", False)) for t in tj.get("added_tokens", [])})
+    elif os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(where := os.path.join(folder, "merges.txt")):
+        vocab = _read_json(os.path.join(folder, "vocab.json"))
+        lines = open(where, encoding="utf-8").read().splitlines()
+        merges = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
+        ranks, rank_ids, id_bytes = _bpe_ranks(vocab, merges, where)
+        # no pre_tokenizer written down: the family decides (what transformers' slow tokenizers hard-code)
+        model_type = (_read_json(os.path.join(folder, "config.json")) or {}).get("model_type", "")
+        if "Qwen2" in str(config.get("tokenizer_class")) or model_type.startswith("qwen2"):
+            pattern, nfc = QWEN_PATTERN, True
+        elif model_type == "llama":  # the byte-level BPE llama we use is SmolLM2
+            pattern, nfc = SMOLLM_PATTERN, False
+        else:
+            pattern, nfc = GPT2_PATTERN, False
+        if not added:  # no added-token list: control tokens that sit in the vocab, as SmolLM2's do
+            reachable = set(rank_ids)
+            added = {s: (i, True) for s, i in vocab.items() if re.fullmatch(r"<\|[^|]+\|>", s) and i not in reachable}
+    elif os.path.isfile(where := os.path.join(folder, "qwen.tiktoken")):  # Qwen-1: tokenization_qwen.py NFCs
+        ranks, pattern, nfc, template = read_tiktoken(where), QWEN_PATTERN, True, "chatml"
+        added = added or {s: (len(ranks) + k, True) for k, s in enumerate(QWEN1_SPECIALS)}
+    elif os.path.isfile(where := os.path.join(folder, "tokenizer.model")):  # Llama-3 original/tokenizer.model
+        ranks, pattern, nfc, template = read_tiktoken(where), LLAMA3_PATTERN, False, "llama3"
+        added = added or {s: (len(ranks) + k, True) for k, s in enumerate(LLAMA3_SPECIALS)}
+    else:
+        raise FormatError(f"{folder}: no tokenizer.json, vocab.json + merges.txt, qwen.tiktoken or tokenizer.model")
+
+    by_name = {s: i for s, (i, _) in added.items()}
+    ct = config.get("chat_template") or ""
+    if isinstance(ct, list):  # several named templates
+        ct = " ".join(t.get("template", "") for t in ct)
+    if "<|start_header_id|>" in ct:
+        template = "llama3"
+    elif "<|im_start|>" in ct:
+        template = "chatml"
+    elif template is None:
+        template = "chatml" if "<|im_start|>" in added else "llama3" if "<|start_header_id|>" in added else None
+
+    def name_of(v):  # tokenizer_config writes tokens as strings or AddedToken dicts
+        return v.get("content") if isinstance(v, dict) else v
+
+    stops = [n for n in STOP_NAMES if n in by_name]
+    eos = name_of(config.get("eos_token"))
+    if eos in by_name and eos not in stops:
+        stops.append(eos)
+    eos_ids = [by_name[n] for n in stops]
+    pad = next((n for n in [name_of(config.get("pad_token"))] + PAD_NAMES if n in by_name), None)
+    # bytes of the vocab entries the ranks do not say (tokens no merge makes): the model may still emit them
+    from_ranks = {i: b for b, r in ranks.items() if (i := rank_ids[r] if rank_ids else r) is not None}
+    decode_only = {str(i): base64.b64encode(b).decode() for i, b in (id_bytes or {}).items() if from_ranks.get(i) != b}
+    return ranks, {
+        "pattern": pattern, "nfc": nfc, "added": by_name, "plain": [s for s, (_, special) in added.items() if not special],
+        "ids": None if rank_ids is None or rank_ids == list(range(len(ranks))) else rank_ids,
+        "decode_only": decode_only, "template": template, "eos_ids": eos_ids,
+        "pad_id": by_name[pad] if pad else (eos_ids[0] if eos_ids else 0),
+    }
+
+
+def write_tokenizer(folder):
+    """Reconcile the folder's tokenizer files once, into the two files data.Tokenizer reads."""
+    ranks, meta = read_tokenizer(folder)
+    lines = "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items())
+    atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda tmp: _write(tmp, lines))
+    atomic_write(os.path.join(folder, "tokenizer.tiktoken.json"), lambda tmp: _write(tmp, json.dumps(meta) + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -406,4 +597,5 @@ def convert_llm(path, out_dir, dtype=torch.bfloat16, progress=True):
         gen["pad_token_id"] = cfg["pad_token_id"]
     for name, content in {"generation_config.json": gen, **tok}.items():
         _write(os.path.join(out_dir, name), content)
+    write_tokenizer(out_dir)
     return cfg

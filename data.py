@@ -1,9 +1,7 @@
 # Audio and text front end: wav -> 16 kHz mono -> Whisper log-mel; text <-> ids; the ChatML training example.
 import base64
-import binascii
 import json
 import os
-import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -148,152 +146,31 @@ def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
 
 # ----------------------------------------------------------------------------------------------- text
 
-# Pre-tokenizer regexes. Qwen-1/Qwen2 ship theirs (Qwen2's tokenizer.json Split pattern is this same one);
-# Llama-3 differs only in grouping digits by up to three; GPT-2 is tokenizers' ByteLevel default.
-QWEN_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2 (llama.cpp pre "smollm") runs two pre-tokenizers: Digits(individual) then the GPT-2 regex on each
-# piece. One regex does the same: a digit stands alone and never takes the space before it, and a digit counts
-# as the end of the text for the whitespace lookahead (a space run before a digit ends its piece).
-SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-
-QWEN1_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
-LLAMA3_SPECIALS = [  # meta-llama/llama3 tokenizer.py: 256 specials after the ranks
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|reserved_special_token_4|>", "<|eot_id|>"] + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
-STOP_NAMES = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>"]
-
-
-@lru_cache(maxsize=None)
-def _byte_decoder():
-    # GPT-2's byte-level BPE writes each byte as a printable char: printable latin-1 bytes as themselves, the
-    # rest as chr(256 + k) in byte order. Invert that table.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    rest = [b for b in range(256) if b not in bs]
-    return {chr(c): b for b, c in zip(bs + rest, bs + [256 + k for k in range(len(rest))])}
-
-
-def _read_json(path):
-    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-
-
-def _read_tiktoken(path):
-    ranks = {}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok, validate=True)] = int(rank)
-            except (ValueError, binascii.Error):
-                raise ValueError(f"{path}:{n}: not a tiktoken rank line ('<base64 token> <rank>')") from None
-    return ranks
-
-
-def _bpe_ranks(vocab, merges, where, unk=None):
-    """HF byte-level vocab + merges -> (tiktoken ranks in merge order, the vocab id of each rank, id -> bytes).
-    tiktoken merges the adjacent pair whose *result* has the lowest rank; HF BPE merges the pair whose *rule*
-    comes first. They agree when a token's rank is the index of the rule that made it, so ranks are the 256
-    single bytes (in id order) and then the merges in file order, whatever ids the vocab gives them."""
-    dec = _byte_decoder()
-
-    def to_bytes(s):
-        return bytes(dec[c] for c in s) if all(c in dec for c in s) else None
-
-    id_bytes = {i: b for s, i in vocab.items() if (b := to_bytes(s)) is not None}
-    singles = sorted((i, b) for i, b in id_bytes.items() if len(b) == 1)
-    # Real vocabs can lack a few bytes (SmolLM2 lacks 21: six rare controls, bytes never in UTF-8). HF emits unk
-    # for them, or drops them when there is no unk; tiktoken needs every byte ranked, so they rank as `unk`
-    # (None: dropped after encoding). One difference stays: HF drops before merging, so its neighbours may
-    # merge across a dropped byte; here they cannot (only for such a control byte inside a punctuation run).
-    missing = sorted(set(range(256)) - {b[0] for _, b in singles})
-    ranks = {b: r for r, (_, b) in enumerate(singles + [(unk, bytes([m])) for m in missing])}
-    rank_ids = [i for i, _ in singles] + [unk] * len(missing)
-    for n, (a, b) in enumerate(merges, 1):
-        if a + b not in vocab:
-            raise ValueError(f"{where}: merge {n} ({a!r} {b!r}) makes a token that is not in the vocab")
-        tok = to_bytes(a + b)
-        if tok not in ranks:
-            ranks[tok] = len(ranks)
-            rank_ids.append(vocab[a + b])
-    return ranks, rank_ids, id_bytes
-
-
-def _pattern_from_json(pre, normalizer, where):
-    """tokenizer.json's pre_tokenizer -> one tiktoken regex; its normalizer -> whether to NFC first (Qwen2)."""
-    steps = pre["pretokenizers"] if pre and pre["type"] == "Sequence" else [pre] if pre else []
-    split, byte_regex, digits = None, False, False
-    for s in steps:
-        if s["type"] == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
-            p = s["pattern"]
-            split = p["Regex"] if "Regex" in p else re.escape(p["String"])
-        elif s["type"] == "ByteLevel" and not s.get("add_prefix_space"):
-            byte_regex = s.get("use_regex", True)
-        elif s["type"] == "Digits" and s.get("individual_digits"):
-            digits = True
-        else:
-            raise ValueError(f"{where}: unsupported pre-tokenizer step {s}")
-    norms = normalizer["normalizers"] if normalizer and normalizer["type"] == "Sequence" else [normalizer]
-    if any(n and n["type"] != "NFC" for n in norms):
-        raise ValueError(f"{where}: unsupported normalizer {normalizer}")
-    nfc = any(n and n["type"] == "NFC" for n in norms)
-    if split and not byte_regex and not digits:
-        return split, nfc
-    if byte_regex and not split:
-        return (SMOLLM_PATTERN if digits else GPT2_PATTERN), nfc
-    raise ValueError(f"{where}: unsupported pre-tokenizer combination {pre}")
-
 
 class Tokenizer:
-    """Byte-level BPE on tiktoken, built from a checkpoint's own tokenizer files. Ids are the checkpoint's."""
+    """Byte-level BPE on tiktoken, read from the two files prepare.py writes into a checkpoint folder
+    (convert.write_tokenizer reconciles the folder's own tokenizer files once): tokenizer.tiktoken, Qwen-1's
+    rank file (base64 token, rank), and tokenizer.tiktoken.json with the rest. Ids are the checkpoint's."""
 
-    def __init__(self, ranks, pattern, added, *, rank_ids=None, id_bytes=None, nfc=False, config=None, template=None):
-        # ranks: bytes -> merge priority; rank_ids: vocab id of each rank (None: id == rank);
-        # added: content -> (id, special). Added tokens become tiktoken specials ranked after the merges.
-        config = config or {}
-        names = list(added)
-        specials = {s: len(ranks) + k for k, s in enumerate(names)}
-        self._enc = tiktoken.Encoding("blsp", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    def __init__(self, ranks, meta):
+        added = meta["added"]  # name -> id: special and added tokens, ranked after the merges in tiktoken
+        self._enc = tiktoken.Encoding("blsp", pat_str=meta["pattern"], mergeable_ranks=ranks,
+                                      special_tokens={s: len(ranks) + k for k, s in enumerate(added)})
         self._ranks = ranks
-        self._ids = list(rank_ids if rank_ids is not None else range(len(ranks))) + [added[s][0] for s in names]
-        self._drops = None in self._ids  # bytes the vocab lacks, with no unk to stand for them
-        self._bytes = dict(id_bytes) if id_bytes is not None else {self._ids[r]: b for b, r in ranks.items()}
-        self._bytes.update({i: s.encode() for s, (i, _) in added.items()})
-        self._by_name = {s: i for s, (i, _) in added.items()}
-        self._plain_added = {s for s, (_, special) in added.items() if not special}  # HF always matches these
-        self.nfc = nfc
+        # the checkpoint's id of each tiktoken rank; None is a byte the vocab lacks, dropped as HF drops it
+        self._ids = (meta["ids"] or list(range(len(ranks)))) + list(added.values())
+        self._drops = None in self._ids
+        self._bytes = {i: b for b, r in ranks.items() if (i := self._ids[r]) is not None}
+        self._bytes.update({int(i): base64.b64decode(b) for i, b in meta["decode_only"].items()})
+        self._bytes.update({i: s.encode() for s, i in added.items()})
+        self._by_name = added
+        self._plain_added = set(meta["plain"])  # added but not special: HF matches them even in user text
+        self.nfc, self.template, self.eos_ids, self.pad_id = meta["nfc"], meta["template"], meta["eos_ids"], meta["pad_id"]
         self.vocab_size = max(self._bytes) + 1
-
-        ct = config.get("chat_template") or ""
-        if isinstance(ct, list):  # several named templates
-            ct = " ".join(t.get("template", "") for t in ct)
-        if "<|start_header_id|>" in ct:
-            template = "llama3"
-        elif "<|im_start|>" in ct:
-            template = "chatml"
-        elif template is None:
-            template = "chatml" if "<|im_start|>" in added else "llama3" if "<|start_header_id|>" in added else None
-        self.template = template
-
-        def name_of(v):  # tokenizer_config writes tokens as strings or AddedToken dicts
-            return v.get("content") if isinstance(v, dict) else v
-
-        stops = [n for n in STOP_NAMES if n in self._by_name]
-        eos = name_of(config.get("eos_token"))
-        if eos in self._by_name and eos not in stops:
-            stops.append(eos)
-        self.eos_ids = [self._by_name[n] for n in stops]
-        pad = name_of(config.get("pad_token"))
-        pad = next((n for n in [pad, "<|endoftext|>", "<|finetune_right_pad_id|>", "<|end_of_text|>"]
-                    if n in self._by_name), None)
-        self.pad_id = self._by_name[pad] if pad else (self.eos_ids[0] if self.eos_ids else 0)
         # what make_example appends after a complete target: the turn's end, so the model learns to stop
-        if template == "llama3":
+        if self.template == "llama3":
             self.closing_ids = [self.token_id("<|eot_id|>")]
-        elif template == "chatml":
+        elif self.template == "chatml":
             self.closing_ids = [self.token_id("<|im_end|>")] + self.encode("\n")
             self.closing_ids += [self.token_id("<|endoftext|>")] if "<|endoftext|>" in added else []
         else:
@@ -301,55 +178,14 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, folder):
-        folder = Path(folder)
-        config = _read_json(folder / "tokenizer_config.json") or {}
-        if (folder / "chat_template.jinja").is_file():  # newer transformers save the template on its own
-            config.setdefault("chat_template", (folder / "chat_template.jinja").read_text(encoding="utf-8"))
-        added = {v["content"]: (int(i), v.get("special", True))
-                 for i, v in (config.get("added_tokens_decoder") or {}).items()}
-
-        if (folder / "tokenizer.json").is_file():
-            where = folder / "tokenizer.json"
-            tj = _read_json(where)
-            model = tj["model"]
-            if model.get("type", "BPE") != "BPE":
-                raise ValueError(f"{where}: model type {model.get('type')} is not BPE")
-            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            ranks, rank_ids, id_bytes = _bpe_ranks(model["vocab"], merges, where, model["vocab"].get(model.get("unk_token")))
-            pattern, nfc = _pattern_from_json(tj.get("pre_tokenizer"), tj.get("normalizer"), where)
-            added.update({t["content"]: (t["id"], t.get("special", False)) for t in tj.get("added_tokens", [])})
-            return cls(ranks, pattern, added, rank_ids=rank_ids, id_bytes=id_bytes, nfc=nfc, config=config)
-
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            where = folder / "merges.txt"
-            vocab = _read_json(folder / "vocab.json")
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(ln.split(" ")) for ln in lines if ln and not ln.startswith("#version")]
-            ranks, rank_ids, id_bytes = _bpe_ranks(vocab, merges, where)
-            # no pre_tokenizer written down: the family decides (what transformers' slow tokenizers hard-code)
-            model_type = (_read_json(folder / "config.json") or {}).get("model_type", "")
-            if "Qwen2" in str(config.get("tokenizer_class")) or model_type.startswith("qwen2"):
-                pattern, nfc = QWEN_PATTERN, True
-            elif model_type == "llama":  # the byte-level BPE llama we use is SmolLM2
-                pattern, nfc = SMOLLM_PATTERN, False
-            else:
-                pattern, nfc = GPT2_PATTERN, False
-            if not added:  # no added-token list: control tokens that sit in the vocab, as SmolLM2's do
-                reachable = set(rank_ids)
-                added = {s: (i, True) for s, i in vocab.items() if re.fullmatch(r"<\|[^|]+\|>", s) and i not in reachable}
-            return cls(ranks, pattern, added, rank_ids=rank_ids, id_bytes=id_bytes, nfc=nfc, config=config)
-
-        if (folder / "qwen.tiktoken").is_file():  # Qwen-1 (Qwen-7B-Chat): tokenization_qwen.py normalizes NFC
-            ranks = _read_tiktoken(folder / "qwen.tiktoken")
-            added = added or {s: (len(ranks) + k, True) for k, s in enumerate(QWEN1_SPECIALS)}
-            return cls(ranks, QWEN_PATTERN, added, nfc=True, config=config, template="chatml")
-
-        if (folder / "tokenizer.model").is_file():  # Llama-3 original/tokenizer.model
-            ranks = _read_tiktoken(folder / "tokenizer.model")
-            added = added or {s: (len(ranks) + k, True) for k, s in enumerate(LLAMA3_SPECIALS)}
-            return cls(ranks, LLAMA3_PATTERN, added, config=config, template="llama3")
-
-        raise FileNotFoundError(f"{folder}: no tokenizer.json, vocab.json + merges.txt, qwen.tiktoken or tokenizer.model")
+        path, meta = Path(folder) / "tokenizer.tiktoken", Path(folder) / "tokenizer.tiktoken.json"
+        if not (path.is_file() and meta.is_file()):
+            raise FileNotFoundError(f"{path}: missing; run `python prepare.py --llm={folder}` first, which writes "
+                                    "it from the folder's own tokenizer files")
+        # read here, not with tiktoken.load: that caches by path, so a rewritten file would read stale
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (ln.split() for ln in lines if ln)}
+        return cls(ranks, json.loads(meta.read_text(encoding="utf-8")))
 
     def encode(self, text, allowed_special=False):
         """Text -> ids. allowed_special=False reads special-token text ("<|im_end|>") as plain text, so user

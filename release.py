@@ -39,6 +39,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from convert import FormatError, write_tokenizer
 from prepare import weight_map
 
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
@@ -347,6 +348,10 @@ def _write_configs(src, tmp, raw, run, dtypes):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, "llm", name))
+    try:  # the tokenizer.tiktoken (+ .json) that data.Tokenizer reads
+        write_tokenizer(os.path.join(tmp, "llm"))
+    except FormatError as e:
+        _fail(e)
     if os.path.isfile(os.path.join(src, "preprocessor_config.json")):
         shutil.copyfile(os.path.join(src, "preprocessor_config.json"), os.path.join(tmp, "whisper",
                                                                                      "preprocessor_config.json"))

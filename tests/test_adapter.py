@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import convert
 import data
 from adapter import (IGNORE, Adapter, EmotionHead, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss,
                      kl_loss, lora_settings, masked_mean, response_positions)
@@ -217,6 +218,7 @@ def train_tok(folder):
            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
+    convert.write_tokenizer(folder)   # what prepare.py does to a folder
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +404,7 @@ def hf_folders(tmp_path_factory, tok_dir):
         transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(tok_dir, f), root / name / f)
+        convert.write_tokenizer(root / name)
     return {k: str(root / k) for k in ("whisper", "llm", "llm48")}
 
 

@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+import convert
 import data
 from data import SPEECH, AudioError, Tokenizer, load_audio, log_mel, log_mel_batch, make_example
 
@@ -170,7 +171,7 @@ def train_bpe(folder, layout):
     if layout == "qwen2":
         tk.normalizer = normalizers.NFC()
         tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(data.QWEN_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(convert.QWEN_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         specials_first = []
     else:
@@ -180,7 +181,7 @@ def train_bpe(folder, layout):
     tk.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if layout == "smollm2":
-        alphabet = [c for c in alphabet if data._byte_decoder()[c] not in SMOLLM2_MISSING]
+        alphabet = [c for c in alphabet if convert.byte_decoder()[c] not in SMOLLM2_MISSING]
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials_first, show_progress=False,
                                   initial_alphabet=alphabet)
     tk.train_from_iterator(random_texts(3000, seed=123), trainer=trainer)
@@ -203,16 +204,22 @@ def trained(request, tmp_path_factory):
     return request.param, folder, train_bpe(folder, request.param)
 
 
+def prepared(folder):
+    """What prepare.py does to a checkpoint folder, then what the scripts do with it."""
+    convert.write_tokenizer(folder)
+    return Tokenizer.from_pretrained(folder)
+
+
 def test_bpe_ids_equal_hf(trained, tmp_path):
     layout, folder, hf = trained
     texts = random_texts(400, seed=7) + edge_texts()
-    ours = Tokenizer.from_pretrained(folder)
+    ours = prepared(folder)
     # the same vocab from vocab.json + merges.txt alone: the pre-tokenizer comes from the family
     only = tmp_path / "vm"
     only.mkdir()
     for f in ["vocab.json", "merges.txt", "tokenizer_config.json", "config.json"]:
         (only / f).write_bytes((folder / f).read_bytes())
-    ours_vm = Tokenizer.from_pretrained(only)
+    ours_vm = prepared(only)
     bad = []
     for s in texts:
         ref = hf.encode(s, add_special_tokens=False).ids
@@ -227,7 +234,7 @@ def test_bpe_ids_equal_hf(trained, tmp_path):
         assert ours._drops and len(set(range(256)) - {b[0] for b in ours._bytes.values() if len(b) == 1}) == 21
     if layout == "smollm2":  # vocab.json + merges.txt and nothing else: the <|...|> tokens in the vocab are special
         (only / "tokenizer_config.json").unlink()
-        bare = Tokenizer.from_pretrained(only)
+        bare = prepared(only)
         assert [bare.token_id(t) for t in SPECIALS] == [0, 1, 2] and bare.template == "chatml"
         assert all(bare.encode(s, allowed_special=True) == hf.encode(s).ids for s in texts[:50])
     # allowed_special=False: special-token text is plain text (no special id) and still round-trips
@@ -241,7 +248,7 @@ def test_chat_template_and_example(trained):
     layout, folder, _ = trained
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast.from_pretrained(str(folder))
-    tok = Tokenizer.from_pretrained(folder)
+    tok = prepared(folder)
     assert tok.template == "chatml"
     im_end, eot = tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")
     assert tok.eos_ids == [im_end, eot] and tok.pad_id == eot
@@ -277,7 +284,7 @@ def test_chat_template_and_example(trained):
 
 def rank_file(path, hf):
     # a tiktoken rank file (base64 token, rank) holding the trained vocab's byte tokens in merge order
-    dec = data._byte_decoder()
+    dec = convert.byte_decoder()
     vocab = hf.get_vocab()
     merges = json.loads(hf.to_str())["model"]["merges"]
     singles = sorted(((i, bytes([dec[s]])) for s, i in vocab.items() if len(s) == 1 and s in dec), key=lambda t: t[0])
@@ -288,7 +295,7 @@ def rank_file(path, hf):
 
 def hf_piece(hf, i):
     s = hf.id_to_token(i)
-    return s.encode() if s in SPECIALS else bytes(data._byte_decoder()[c] for c in s)
+    return s.encode() if s in SPECIALS else bytes(convert.byte_decoder()[c] for c in s)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +305,7 @@ def qwen2_hf(tmp_path_factory):
 
 def test_qwen1_tiktoken(qwen2_hf, tmp_path):
     n = rank_file(tmp_path / "qwen.tiktoken", qwen2_hf)
-    tok = Tokenizer.from_pretrained(tmp_path)
+    tok = prepared(tmp_path)
     assert tok.template == "chatml" and tok.nfc
     assert [tok.token_id(s) for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_204|>"]] == [n, n + 1, n + 2, n + 207]
     assert tok.eos_ids == [n + 2, n]
@@ -316,7 +323,7 @@ def test_qwen1_tiktoken(qwen2_hf, tmp_path):
 
 def test_llama3_tokenizer_model(qwen2_hf, tmp_path):
     n = rank_file(tmp_path / "tokenizer.model", qwen2_hf)
-    tok = Tokenizer.from_pretrained(tmp_path)
+    tok = prepared(tmp_path)
     assert tok.template == "llama3" and not tok.nfc
     assert tok.token_id("<|begin_of_text|>") == n and tok.token_id("<|eot_id|>") == n + 9
     assert tok.token_id("<|reserved_special_token_250|>") == n + 255
@@ -335,11 +342,14 @@ def test_llama3_tokenizer_model(qwen2_hf, tmp_path):
 
 
 def test_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    # a folder never prepared (a raw hub download): the error says what to run
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/tokenizer.tiktoken: missing; run `python prepare.py --llm={tmp_path}`"):
         Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(convert.FormatError, match=f"{tmp_path}: no tokenizer.json"):
+        convert.write_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x12\x05hello world extra\n")
-    with pytest.raises(ValueError, match="tokenizer.model:1"):
-        Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(convert.FormatError, match="tokenizer.model:1"):
+        convert.write_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- batches, manifests

@@ -142,7 +142,7 @@ def tiny_bpe(pre):
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(data.QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(convert.QWEN_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:  # smollm
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -339,7 +339,7 @@ def test_prepare_asset_converts_once_and_resumes(tiny_llm, tmp_path, capsys):
     src = json.loads((out / f"tiny-{arch}" / "source.json").read_text())
     assert src["sha256"] == asset.sha256 and src["dtype"] == "bfloat16" and src["parts"][1]["package"] == "fake-part-1"
     for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "vocab.json", "merges.txt"):
+              "vocab.json", "merges.txt", "tokenizer.tiktoken", "tokenizer.tiktoken.json"):
         assert (out / f"tiny-{arch}" / f).exists(), f
     assert json.loads((out / f"tiny-{arch}" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not os.listdir(cache / "files")  # the joined copy is dropped once converted
@@ -398,9 +398,15 @@ def test_local_folder_checks(tiny_llm, tmp_path):
     good = tmp_path / "My-LLM"
     good.mkdir()
     convert.convert_llm(str(files["F32"]), str(good), torch.float32, progress=False)
+    ids = data.Tokenizer.from_pretrained(good).encode("hello 123 world")
+    for f in ("tokenizer.tiktoken", "tokenizer.tiktoken.json"):   # a hub folder has only its own tokenizer files
+        (good / f).unlink()
+    with pytest.raises(FileNotFoundError, match=r"run `python prepare.py --llm="):
+        data.Tokenizer.from_pretrained(good)
     out = tmp_path / "checkpoints"
     link = prepare.link_local(str(good), "llm", str(out))
     assert os.path.islink(link) and os.path.realpath(link) == str(good)  # linked, not copied
+    assert data.Tokenizer.from_pretrained(link).encode("hello 123 world") == ids  # the tokenizer written once
     assert prepare.link_local(str(good), "llm", str(out)) == link  # again: nothing changes
 
     bad = tmp_path / "no-weights"
@@ -535,7 +541,7 @@ def test_real_whisper_transcribes_neutral_synth_clips(real):
     import ctranslate2
     import data
     import synth
-    byte_of = data._byte_decoder()   # GPT-2's byte <-> printable-character table, which Whisper's vocabulary uses
+    byte_of = convert.byte_decoder()   # GPT-2's byte <-> printable-character table, which Whisper's vocabulary uses
     plan = synth.make_plan(n_asr_test=12)["asr_test"]
     runtime = ctranslate2.models.Whisper(str(real["ct2"]), device="cpu", compute_type="float32")
     mels = torch.stack([data.log_mel(torch.from_numpy(synth.synthesize(c["text"], c["voice"], "neutral")), 80)

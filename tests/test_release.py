@@ -158,8 +158,8 @@ def test_layout_no_pickle_and_config(converted):
     files = _files(out)
     assert files == ["config.json", "llm/config.json", "llm/generation_config.json",
                      "llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors",
-                     "llm/model.safetensors.index.json", "llm/qwen.tiktoken", "llm/tokenizer_config.json",
-                     "model.safetensors", "whisper/config.json", "whisper/model.safetensors"], files
+                     "llm/model.safetensors.index.json", "llm/qwen.tiktoken", "llm/tokenizer.tiktoken",
+                     "llm/tokenizer.tiktoken.json", "llm/tokenizer_config.json", "model.safetensors", "whisper/config.json", "whisper/model.safetensors"], files
     for f in files:  # torch pickles are zip files ("PK") or raw pickles (protocol byte 0x80)
         with open(os.path.join(out, f), "rb") as fh:
             head = fh.read(4)

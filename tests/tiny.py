@@ -14,6 +14,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import save_file
 
+import convert
 import data
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -28,7 +29,7 @@ def make_tokenizer(folder, vocab_size=400):
     tk = HFTokenizer(models.BPE())
     tk.normalizer = normalizers.NFC()
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(data.QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(convert.QWEN_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
@@ -46,6 +47,7 @@ def make_tokenizer(folder, vocab_size=400):
            "tokenizer_class": "Qwen2Tokenizer"}
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump(cfg, f)
+    convert.write_tokenizer(folder)   # what prepare.py does to a folder: tokenizer.tiktoken (+ .json)
     return str(folder)
 
 
@@ -111,6 +113,7 @@ def make_llm(folder, tok_folder, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ff
     _write(folder, cfg, sd)
     for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok_folder, f), os.path.join(folder, f))
+    convert.write_tokenizer(folder)
     return str(folder)
 
 
