@@ -1,8 +1,9 @@
 """Stage 2, emotion alignment: the model learns to hear *how* something is said.
 
-The frozen LLM, told the transcript and its emotion label, writes an emotion-aware continuation (the
-target). The speech model then learns to produce that continuation from the speech alone: the label is
-not in its prompt, so it must be heard. Loss = cross-entropy on the target + an emotion head's
+The frozen LLM, told the transcript and its emotion label, writes an emotion-aware reply (the target;
+data.emotion_target_messages, with the paper's continuation prompt behind paper_prompts). The speech model
+then learns to produce that reply from the speech alone: neither the words nor the label are in its
+prompt, so both must be heard. Loss = cross-entropy on the target + an emotion head's
 cross-entropy on the pooled adapter output. Trainable: adapter, emotion head, and partial LoRA (the
 LoRA delta applies only at the speech positions, so the LLM's text behaviour is untouched).
 
@@ -36,7 +37,7 @@ eval_manifest = "speech/emo_test.jsonl"
 out_dir = "runs/emotion"
 map = {}                        # fold a dataset's labels into the five, e.g. {"excited": "happy"}
 device = ""
-dtype = "auto"              # bf16 where the device runs it fast, else fp32 (model.pick_dtype)
+dtype = "auto"                  # bf16 where the device runs it fast, else fp32 (model.pick_dtype)
 padded = False
 max_new_tokens = 48
 gen_batch_size = 32
@@ -63,7 +64,7 @@ min_lr = 5e-5
 warmup_steps = 20
 weight_decay = 0.05
 grad_clip = 1.0
-autocast = None             # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
+autocast = None                 # bf16 autocast for the trainable weights; None: exactly when dtype is bf16
 log_interval = 10
 eval_interval = 50              # 0: only at the end (as for ckpt_interval)
 ckpt_interval = 50
