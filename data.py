@@ -30,6 +30,11 @@ CONTINUE_WITH_EMOTION = "Continue the following sentence that reflects a '{emoti
 CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed emotion tone in a coherent style: "
 
 
+def continue_target_messages(text):
+    """Stage 1's teacher prompt: the LLM continues the transcript (the paper's instruction)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + text}]
+
+
 def emotion_target_messages(text, emotion, paper=False):
     """Stage 2's teacher prompt: the transcript with its emotion told in words. paper=True is the release's
     continuation instruction; under it a 135M LLM repeats the sentence whatever the label (a valence gap

@@ -152,11 +152,6 @@ def ser_closed(model, items, transcript=False, batch_size=32):
     return sum(p == it["label"] for p, it in zip(pred, items)) / max(len(items), 1)
 
 
-def continue_prompt(item):
-    """Stage 1's target prompt, as train_semantic.prompt_for_target (a script: it reads argv on import)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + item["text"]}]
-
-
 def distractors(n, k=9, seed=0):
     """For each of n clips, k others: the next k after it in a fixed-seed permutation. Every clip is a
     distractor exactly k times, so no target is favoured by being shown more often."""
@@ -330,7 +325,7 @@ def content_items(model, manifest, n, run_dir):
     run's targets.jsonl (the held-out ones are there already), generated only where missing."""
     rows, n_bad = cache.with_features(model, read_manifest(manifest)[:n])
     targets = cache.make_targets(model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
-                                 continue_prompt, max_new_tokens=model.config.get("max_new_tokens", 48),
+                                 lambda it: data.continue_target_messages(it["text"]), max_new_tokens=model.config.get("max_new_tokens", 48),
                                  device=model.decoder.tok_embeddings.weight.device)
     return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 

@@ -20,7 +20,7 @@ import torch
 import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
-from data import CONTINUE, SPEECH, SYSTEM_PROMPT, make_example, read_manifest
+from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages, make_example, read_manifest
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
                      last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan, plot_losses,
                      rank0_first, save_checkpoint, start_or_resume, stop_signal)
@@ -63,7 +63,7 @@ config = configure(globals(), sys.argv[1:])
 
 
 def prompt_for_target(item):
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + item["text"]}]
+    return continue_target_messages(item["text"])
 
 
 def load_items(model, manifest, limit, run_dir):

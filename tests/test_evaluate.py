@@ -289,7 +289,7 @@ def test_content_retrieval_ranks_by_mean_log_likelihood(model, monkeypatch):
     assert all(p == speech_prompt and own for _, _, p, own in seen)
     seen.clear()
     assert ev.content_retrieval(model, its, k=3, transcript=True) == pytest.approx(want)
-    assert all(p == model.tok.encode_chat(ev.continue_prompt(its[i])) and not own for i, _, p, own in seen)
+    assert all(p == model.tok.encode_chat(data.continue_target_messages(its[i]["text"])) and not own for i, _, p, own in seen)
 
 
 def test_content_retrieval_on_a_tiny_model(model):
