@@ -1,10 +1,12 @@
-# Makes the flat top-level modules importable from tests/ and keeps runs small and repeatable on 2 cores.
+# Makes the top-level modules and the tooling in scripts/ importable from tests/, and keeps runs small and
+# repeatable on 2 cores.
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts")]
 
 import torch  # noqa: E402
 

@@ -185,7 +185,7 @@ class Tokenizer:
     def from_pretrained(cls, folder):
         path, meta = Path(folder) / "tokenizer.tiktoken", Path(folder) / "tokenizer.tiktoken.json"
         if not (path.is_file() and meta.is_file()):
-            raise FileNotFoundError(f"{path}: missing; run `python prepare.py --llm={folder}` first, which writes "
+            raise FileNotFoundError(f"{path}: missing; run `python scripts/prepare.py --llm={folder}` first, which writes "
                                     "it from the folder's own tokenizer files")
         # read here, not with tiktoken.load: that caches by path, so a rewritten file would read stale
         lines = path.read_bytes().splitlines()

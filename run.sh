@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # README command 1: from a fresh clone to a trained BLSP-Emo in the small, on 2 CPU cores.
-#   install -> real weights + emotional speech (prepare.py) -> stage 1 -> stage 2 -> evaluation + report
+#   install -> real weights + emotional speech (scripts/prepare.py) -> stage 1 -> stage 2 -> evaluation + report
 # Extra arguments go to every step, e.g.  bash run.sh --llm=qwen2.5-0.5b   or   bash run.sh --whisper=tiny.en
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,7 +16,7 @@ for a in "$@"; do
         *) TRAIN+=("$a") ;;
     esac
 done
-$PY prepare.py "${PREP[@]}"
+$PY scripts/prepare.py "${PREP[@]}"
 $PY train_semantic.py --whisper="$W" --llm="$L" "${TRAIN[@]}"
 $PY train_emotion.py "${TRAIN[@]}"
 $PY evaluate.py --stage1=runs/semantic --stage2=runs/emotion --out=runs/demo --started="$START"

@@ -343,7 +343,7 @@ def test_llama3_tokenizer_model(qwen2_hf, tmp_path):
 
 def test_tokenizer_errors(tmp_path):
     # a folder never prepared (a raw hub download): the error says what to run
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/tokenizer.tiktoken: missing; run `python prepare.py --llm={tmp_path}`"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/tokenizer.tiktoken: missing; run `python scripts/prepare.py --llm={tmp_path}`"):
         Tokenizer.from_pretrained(tmp_path)
     with pytest.raises(convert.FormatError, match=f"{tmp_path}: no tokenizer.json"):
         convert.write_tokenizer(tmp_path)

@@ -401,7 +401,7 @@ def test_local_folder_checks(tiny_llm, tmp_path):
     ids = data.Tokenizer.from_pretrained(good).encode("hello 123 world")
     for f in ("tokenizer.tiktoken", "tokenizer.tiktoken.json"):   # a hub folder has only its own tokenizer files
         (good / f).unlink()
-    with pytest.raises(FileNotFoundError, match=r"run `python prepare.py --llm="):
+    with pytest.raises(FileNotFoundError, match=r"run `python scripts/prepare.py --llm="):
         data.Tokenizer.from_pretrained(good)
     out = tmp_path / "checkpoints"
     link = prepare.link_local(str(good), "llm", str(out))

@@ -15,12 +15,15 @@ import json
 import os
 import re
 import struct
+import sys
 from functools import lru_cache
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
 from data import atomic_write
 

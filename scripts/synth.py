@@ -3,8 +3,8 @@ Emotional speech made offline. espeak-ng (the library and voices ship in the esp
 driven here through ctypes) speaks emotionally neutral sentences with five prosody recipes, so the
 words never carry the emotion: only pitch, range, rate, loudness, pauses, intonation and voice quality do.
 
-    python synth.py --out=speech                         # the demo sets, sized for 2 CPU cores
-    python synth.py --out=speech --n_emo_train=5000      # bigger sets for a GPU run
+    python scripts/synth.py --out=speech                         # the demo sets, sized for 2 CPU cores
+    python scripts/synth.py --out=speech --n_emo_train=5000      # bigger sets for a GPU run
 
 Writes under out/ (paths in the manifests are out/<set>/<clip>.flac, as `out` was given):
     asr_train/ asr_test/ emo_train/ emo_test/   16 kHz mono FLAC clips
@@ -639,7 +639,7 @@ def fetch_real(out="speech"):
 
 
 def main(argv=None):
-    """`python synth.py --out=speech --seed=0 --n_emo_train=2000 --workers=2 --real=False`: any make_speech
+    """`python scripts/synth.py --out=speech --seed=0 --n_emo_train=2000 --workers=2 --real=False`: any make_speech
     keyword as --key=value."""
     import inspect
     kwargs = {}

@@ -1,11 +1,11 @@
 """
 Measured speed of our modules against what a user would otherwise run (Hugging Face transformers).
 
-    .venv/bin/python bench.py                  # full run on CPU, a few minutes on 2 idle cores -> bench.json
-    .venv/bin/python bench.py --quick          # tiny sizes, seconds (what tests/test_bench.py runs)
-    .venv/bin/python bench.py --threads=1      # on a shared, oversubscribed CPU (see the warning it prints)
-    .venv/bin/python bench.py --only=decode_small --profile   # one section, with torch.profiler tables
-    .venv/bin/python bench.py --device=cuda    # where there is one
+    .venv/bin/python scripts/bench.py                  # full run on CPU, a few minutes on 2 idle cores -> bench.json
+    .venv/bin/python scripts/bench.py --quick          # tiny sizes, seconds (what tests/test_bench.py runs)
+    .venv/bin/python scripts/bench.py --threads=1      # on a shared, oversubscribed CPU (see the warning it prints)
+    .venv/bin/python scripts/bench.py --only=decode_small --profile   # one section, with torch.profiler tables
+    .venv/bin/python scripts/bench.py --device=cuda    # where there is one
 
 A tool, not product code: it imports transformers (a test extra, requirements-test.txt) as the
 reference, and only here. Both sides get the same random weights: transformers builds the model, saves
@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
 # whisper-base encoder; Qwen2.5-0.5B-shaped decoder (494M, tied); SmolLM2-135M-shaped decoder (the
 # out-of-the-box LLM: the stage-1 step and the decode_small section)
@@ -405,7 +407,7 @@ def main(argv=None):
     from model import parse_dtype
     device, cfg = torch.device(args.device), QUICK if args.quick else FULL
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    results = dict(meta=dict(command="python bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    results = dict(meta=dict(command="python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
                              torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
                              cpu=platform.processor() or platform.machine(), cpu_count=cores,
                              load_avg_start=load, quick=args.quick))
