@@ -3,6 +3,7 @@ d_llm) -> embeddings spliced into the chat prompt at the SPEECH slot -> Decoder,
 speech positions and an emotion head on the pooled adapter output. Follows the authors' release
 (cwang621/blsp-emo: src/modeling_adapter.py, src/plora.py, src/modeling_blsp2.py); where we differ, the
 comment says why."""
+import contextlib
 import json
 import math
 import os
@@ -69,51 +70,65 @@ class Adapter(nn.Module):
 # ----------------------------------------------------------------------------- partial LoRA
 
 class LoRALinear(nn.Linear):
-    """base(x) + B(A(dropout(x))) * alpha/r * mask, mask = ctx.lora_mask (B, S), which the decoder sets for
-    one forward: 1 on the prompt's speech positions ("partial LoRA", src/plora.py). None: no delta at all,
-    so text-only prompts and generated tokens see the base LLM. The base weight and bias stay the wrapped
-    Linear's own Parameters (names unchanged); only .lora_A / .lora_B are added."""
+    """base(x) + B(A(dropout(x))) * alpha/r, at the positions partial_lora() marks and nowhere else. The base
+    weight and bias stay the wrapped Linear's own Parameters (names unchanged); only lora_A / lora_B are added."""
 
-    def __init__(self, base: nn.Linear, ctx, r=16, alpha=16, dropout=0.05):
+    def __init__(self, base: nn.Linear, r=16, alpha=16, dropout=0.05):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a fresh weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        self.ctx, self.r, self.alpha, self.scale = ctx, r, alpha, alpha / r
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
         dev = base.weight.device  # fp32 whatever the frozen base is: these are what the optimizer updates
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: A random, B zero -> delta 0
         self.lora_dropout = nn.Dropout(dropout)
+        self.mask = self.rows = None  # set by partial_lora for the forwards inside it
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        mask = self.ctx.lora_mask
-        if mask is None:
+        if self.mask is None:
             return y
-        if mask.shape != x.shape[:-1]:
-            raise ValueError(f"LoRALinear: lora_mask {tuple(mask.shape)} does not match the input {tuple(x.shape[:-1])}")
-        # The delta only at the rows where the mask is non-zero (the speech: about a fifth of a training
-        # prompt, and only while the prompt is read): the same numbers as a full-size delta times the mask,
-        # for a fraction of the work, dropout's random draws above all. The decoder finds the rows once per
-        # forward (ctx.lora_rows); every LoRA layer shares them.
-        rows = self.ctx.lora_rows
-        xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        d = d * (self.scale * mask.reshape(-1)[rows, None].to(d.dtype))
-        return y.reshape(-1, y.shape[-1]).index_add(0, rows, d.to(y.dtype)).view_as(y)
+        if self.mask.shape != x.shape[:-1]:
+            raise ValueError(f"partial_lora: speech mask {tuple(self.mask.shape)} does not match the input "
+                             f"{tuple(x.shape[:-1])}")
+        # The delta only at the speech rows (about a fifth of a training prompt, and only while the prompt is
+        # read): the same numbers as a full-size delta times the mask, for a fraction of the work.
+        xs = x.reshape(-1, x.shape[-1]).index_select(0, self.rows)
+        d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
+        return y.reshape(-1, y.shape[-1]).index_add(0, self.rows, d.to(y.dtype)).view_as(y)
 
 
-def add_lora(decoder, r=16, alpha=16, dropout=0.05, targets=("wqkv", "wo", "w_gate", "w_up", "w_down")):
-    """Wrap every nn.Linear child named in targets (exact child names; the release matched the suffixes
-    c_attn, c_proj, w1, w2, which for Qwen-1 is every projection: that is our default set)."""
+@contextlib.contextmanager
+def partial_lora(decoder, speech_mask):
+    """The paper's partial LoRA (the release's lora_scope "audio"): inside this block every LoRA layer adds its
+    delta only where speech_mask (B, S) is True, the prompt's speech positions; text prompts and generated
+    tokens see the base LLM. A decoder without LoRA is unchanged."""
+    layers = [m for m in decoder.modules() if isinstance(m, LoRALinear)]
+    rows = speech_mask.reshape(-1).nonzero().squeeze(1)   # found once, shared by every layer
+    for m in layers:
+        m.mask, m.rows = speech_mask.bool(), rows
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.mask = m.rows = None
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(decoder, r=16, alpha=16, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap every nn.Linear child named in targets. The default is every projection, as the release's
+    targets (Qwen-1's c_attn, c_proj, w1, w2) cover every projection of Qwen-1."""
     found = 0
     for module in list(decoder.modules()):
         for name, child in list(module.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 if isinstance(child, LoRALinear):
                     raise ValueError(f"add_lora: {name} already has LoRA")
-                setattr(module, name, LoRALinear(child, decoder.ctx, r, alpha, dropout))
+                setattr(module, name, LoRALinear(child, r, alpha, dropout))
                 found += 1
     if not found:
         raise ValueError(f"add_lora: no nn.Linear named any of {list(targets)} in the decoder")
@@ -197,7 +212,7 @@ class SpeechLM(nn.Module):
     @property
     def dtype(self):
         """The frozen networks' dtype (the trainable weights stay fp32)."""
-        return self.decoder.tok_embeddings.weight.dtype
+        return self.decoder.embed_tokens.weight.dtype
 
     @property
     def has_lora(self):
@@ -210,7 +225,7 @@ class SpeechLM(nn.Module):
         """1-D 16 kHz clips (cut to 30 s) -> list of encoder frames (T_i, d_enc), T_i = (n_frames - 1)//2 + 1.
         Default: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
         every clip padded to 30 s with whisper attending over the padding, cut to the real length after."""
-        w = self.encoder.ln_post.weight
+        w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audios]
         for i, a in enumerate(clips):
             if data.n_frames(len(a)) < 1:
@@ -238,7 +253,7 @@ class SpeechLM(nn.Module):
 
     def splice(self, rows, speech, labels=None, pad="right"):
         """Token rows with SPEECH slots + speech segments (T_i', d_llm) in slot order (row 0's slots,
-        then row 1's, ...) -> dict(embeds (B,S,d), valid (B,S) bool, speech_mask (B,S) float,
+        then row 1's, ...) -> dict(embeds (B,S,d), valid (B,S) bool, speech_mask (B,S) bool,
         labels (B,S) long or None, ids (B,S): SPEECH at speech positions, pad_id at padding).
         Each slot becomes T_i' positions labelled IGNORE. pad="left" for generation."""
         n_slots = sum(t == data.SPEECH for row in rows for t in row)
@@ -256,15 +271,15 @@ class SpeechLM(nn.Module):
             ids.append(i)
             labs.append(lab)
         ids, lab, valid = data.pad_batch(ids, self.tok.pad_id, labs if labels is not None else None, side=pad)
-        dev = self.decoder.tok_embeddings.weight.device
+        dev = self.decoder.embed_tokens.weight.device
         ids, valid = ids.to(dev), valid.to(dev)
         sp = ids == data.SPEECH
-        embeds = self.decoder.embed(ids.masked_fill(sp, self.tok.pad_id))
+        embeds = self.decoder.embed_tokens(ids.masked_fill(sp, self.tok.pad_id))
         if len(speech):
             # row-major order of the speech positions is slot order: one scatter places every segment
             src = torch.cat([s.to(dev, embeds.dtype) for s in speech])
             embeds = embeds.masked_scatter(sp[..., None], src)
-        return dict(embeds=embeds, valid=valid, speech_mask=sp.float(), ids=ids,
+        return dict(embeds=embeds, valid=valid, speech_mask=sp, ids=ids,
                     labels=lab.to(dev) if lab is not None else None)
 
     @torch.no_grad()
@@ -289,7 +304,7 @@ class SpeechLM(nn.Module):
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p,
             stop_ids=stop_ids if stop_ids is not None else self.tok.eos_ids,
-            lora_mask=batch["speech_mask"] if self.has_lora else None, on_token=on_token, generator=generator)
+            prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator)
 
     # --- training: logits at the positions that predict the target (response_positions)
 
@@ -310,8 +325,8 @@ class SpeechLM(nn.Module):
         embeds, lengths = self.speech_embeds(feats)
         b = self.splice(list(rows), [embeds[i, :n] for i, n in enumerate(lengths.tolist())], list(labels))
         at, targets = response_positions(b["labels"])
-        logits = self.decoder(embeds=b["embeds"], valid=b["valid"], logits_at=at,
-                              lora_mask=b["speech_mask"] if self.has_lora else None)
+        with partial_lora(self.decoder, b["speech_mask"]):
+            logits = self.decoder(embeds=b["embeds"], valid=b["valid"], logits_at=at)
         return dict(logits=logits, targets=targets, embeds=embeds, lengths=lengths)
 
     # --- trainable weights, run folders

@@ -94,7 +94,7 @@ def with_features(model, rows, padded=False, cache_dir=".cache/features"):
     """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped)."""
     feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded), padded=padded,
-                         device=model.decoder.tok_embeddings.weight.device)
+                         device=model.decoder.embed_tokens.weight.device)
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
 

@@ -63,7 +63,7 @@ class Streamer:
 
 
 def reply(model, args, history, feats, stream=True):
-    gen = torch.Generator(device=model.decoder.tok_embeddings.weight.device).manual_seed(args.seed)
+    gen = torch.Generator(device=model.decoder.embed_tokens.weight.device).manual_seed(args.seed)
     streamer = Streamer(model.tok) if stream else None
     t0 = time.time()
     new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

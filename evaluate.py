@@ -292,7 +292,7 @@ def teacher_replies(model, texts, emotions, path, max_new_tokens=48, paper=False
     items = [{"text": t, "emotion": e} for t, e in zip(texts, emotions)]
     recs = cache.make_targets(model.decoder, model.tok, items, path,
                               lambda it: data.emotion_target_messages(it["text"], it["emotion"], paper=paper),
-                              max_new_tokens=max_new_tokens, device=model.decoder.tok_embeddings.weight.device)
+                              max_new_tokens=max_new_tokens, device=model.decoder.embed_tokens.weight.device)
     return [cache.trim_repeats(recs[it["target_key"]]["target"])[0] for it in items]
 
 
@@ -326,7 +326,7 @@ def content_items(model, manifest, n, run_dir):
     rows, n_bad = cache.with_features(model, read_manifest(manifest)[:n])
     targets = cache.make_targets(model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
                                  lambda it: data.continue_target_messages(it["text"]), max_new_tokens=model.config.get("max_new_tokens", 48),
-                                 device=model.decoder.tok_embeddings.weight.device)
+                                 device=model.decoder.embed_tokens.weight.device)
     return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 
 

@@ -87,7 +87,7 @@ def load_items(model, manifest, limit, run_dir):
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
-        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
+        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
         return dict(student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, emotion_student_parts(paper_prompts),
                                          t["target"], t["truncated"]))

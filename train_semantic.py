@@ -71,7 +71,7 @@ def load_items(model, manifest, limit, run_dir):
     rows, n_bad = rank0_first(lambda: cache.with_features(model, read_manifest(manifest)[:limit or None], padded))
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
-        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
+        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
         return dict(teacher=make_example(model.tok, SYSTEM_PROMPT, [CONTINUE + row["text"]], t["target"], t["truncated"]),
                     student=make_example(model.tok, SYSTEM_PROMPT, [CONTINUE, SPEECH], t["target"], t["truncated"]))

@@ -219,9 +219,9 @@ class _Clock(list):
 def weight_bytes_per_token(dec):
     """Bytes of weights a one-token step reads: every parameter once, except the embedding table,
     which a lookup touches one row of -- unless it is tied to the LM head, which reads all of it."""
-    tied = dec.lm_head.weight is dec.tok_embeddings.weight
+    tied = dec.lm_head.weight is dec.embed_tokens.weight
     return sum(p.numel() * p.element_size() for name, p in dec.named_parameters()   # ties counted once
-               if tied or not name.startswith("tok_embeddings"))
+               if tied or not name.startswith("embed_tokens"))
 
 
 @torch.no_grad()
@@ -234,7 +234,7 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
         ref_lm = hf_causal_lm(kw, model_type, folder, device, dtype)
         ours = Decoder.from_pretrained(folder, dtype=dtype, device=device).eval()
     if compile_:   # off by default: on a short CPU run, compiling costs more time than its faster steps save
-        ours.decode_one_token = torch.compile(ours.decode_one_token, dynamic=True)
+        ours.forward = torch.compile(ours.forward, dynamic=True)
     prompt = torch.randint(0, kw["vocab_size"], (1, P), generator=torch.Generator().manual_seed(1)).to(device)
     rates, out = {"ours": [], "ref": []}, {}
 
@@ -294,7 +294,7 @@ def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf1
     adapters["ref"] = copy.deepcopy(adapters["ours"])
     opts = {k: torch.optim.AdamW(a.parameters(), lr=1e-4, weight_decay=0.05) for k, a in adapters.items()}
     hf_logits = lambda h, m: ref_lm.lm_head(h.last_hidden_state[m])
-    sides = dict(ours=(ours.embed, lambda t, m: ours(t, logits_at=m), lambda e, m: ours(embeds=e, logits_at=m)),
+    sides = dict(ours=(ours.embed_tokens, lambda t, m: ours(t, logits_at=m), lambda e, m: ours(embeds=e, logits_at=m)),
                  ref=(ref_lm.model.embed_tokens, lambda t, m: hf_logits(ref_lm.model(input_ids=t), m),
                       lambda e, m: hf_logits(ref_lm.model(inputs_embeds=e), m)))
     losses = {"ours": [], "ref": []}
@@ -393,7 +393,7 @@ def main(argv=None):
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of " + ",".join(SECTIONS + EXTRA))
     ap.add_argument("--out", default="bench.json", help="JSON results ('' for none)")
     ap.add_argument("--dtype", default="fp32", help="decode dtype, both sides (fp32 | bf16 | fp16)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our decode_one_token")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our decoder's forward")
     ap.add_argument("--bf16", action="store_true", help="stage-1 step under bf16 autocast, both sides")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables (also kept in the JSON)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -5,7 +5,8 @@ The release (Hugging Face cwang621/blsp-emo, ModelScope iic/Blsp-Emo-Qwen-7B) is
 (`whisper_config`, `qwen_config`, adapter and LoRA fields) and Qwen-1's `qwen.tiktoken`. Its state dict:
     whisper_model.*                          HF WhisperEncoder names              -> whisper/ model.encoder.*
     qwen_model.model.transformer.* , .lm_head Qwen-1 names (plora's LoraModel wraps QWenLMHeadModel as `.model`;
-                                             without LoRA the prefix is qwen_model.)  -> llm/ transformer.*, lm_head
+                                             without LoRA the prefix is qwen_model.)  -> llm/ in Qwen2's names
+                                             (c_attn split into q_proj|k_proj|v_proj), which model.py loads
     ...<target>.lora_A.default.weight (r, in), .lora_B.default.weight (out, r): plora keeps the base weight at
                                              `<target>.weight` (no `base_layer`)  -> decoder.layers.N.<ours>.lora_A/B
     adapter.subsampler.conv_layers.N.*, adapter.fc1/fc2 (no bias), adapter.speech_ln -> adapter.conv_layers.N.*,
@@ -46,9 +47,11 @@ from prepare import weight_map
 
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
 N_EMOTIONS = 5  # data.EMOTIONS: neutral, happy, angry, sad, surprise, the release's label order too
-# Qwen-1 Linear -> ours (model.py Decoder). Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate.
-QWEN_LINEARS = {"attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
-                "mlp.w2": "feed_forward.w_gate", "mlp.w1": "feed_forward.w_up", "mlp.c_proj": "feed_forward.w_down"}
+# Qwen-1 Linear -> Qwen2's (model.py's Decoder names). Qwen-1's MLP is c_proj(w1(x) * silu(w2(x))): w2 is the
+# gate; its c_attn is q|k|v stacked on the output axis, split in three here (its LoRA B too; A is shared).
+QWEN_LINEARS = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                "attn.c_proj": ("self_attn.o_proj",), "mlp.w2": ("mlp.gate_proj",), "mlp.w1": ("mlp.up_proj",),
+                "mlp.c_proj": ("mlp.down_proj",)}
 # Blsp2Config's defaults (src/configuration_blsp2.py), for fields a config.json leaves out
 BLSP_DEFAULTS = {"conv_kernel_sizes": "5,5,5", "adapter_inner_dim": 512, "adapter_hidden_layers": 0,
                  "lora_config": {}, "lora_scope": "audio", "adapter_type": "subsampler", "num_emotions": 5}
@@ -138,15 +141,16 @@ def _read_lora(c, path):
               f"ours: {', '.join(QWEN_LINEARS)})")
     targets = tuple(n.split("transformer.h.0.")[-1] for n in hit)
     lora = {"r": r, "alpha": alpha, "dropout": float(lc.get("lora_dropout", 0.0)),
-            "targets": [QWEN_LINEARS[t].split(".")[-1] for t in targets]}
+            "targets": [n.split(".")[-1] for t in targets for n in QWEN_LINEARS[t]]}
     return lora, targets
 
 
 def weight_table(dims, targets, n_convs, lora_prefix=True):
-    """release key -> (part, our key, shape). part: whisper | llm | run (our model.safetensors)."""
+    """release key -> (part, our key, shape, how). part: whisper | llm | run (our model.safetensors). A tuple
+    of keys takes the tensor split in equal parts on dim 0 (how "split") or a copy each (how "copy")."""
     t = {}
     d, f, ne = dims["d_model"], dims["encoder_ffn_dim"], dims["num_mel_bins"]
-    w = lambda k, shape: t.__setitem__("whisper_model." + k, ("whisper", "model.encoder." + k, shape))
+    w = lambda k, shape: t.__setitem__("whisper_model." + k, ("whisper", "model.encoder." + k, shape, None))
     w("conv1.weight", (d, ne, 3)), w("conv1.bias", (d,)), w("conv2.weight", (d, d, 3)), w("conv2.bias", (d,))
     w("embed_positions.weight", (dims["max_source_positions"], d))
     w("layer_norm.weight", (d,)), w("layer_norm.bias", (d,))
@@ -163,29 +167,35 @@ def weight_table(dims, targets, n_convs, lora_prefix=True):
     D, V, F = dims["hidden_size"], dims["vocab_size"], dims["intermediate_size"] // 2
     P = dims["kv_channels"] * dims["num_attention_heads"]
     q = "qwen_model.model." if lora_prefix else "qwen_model."
-    llm = lambda k, shape: t.__setitem__(q + k, ("llm", k, shape))
-    llm("transformer.wte.weight", (V, D)), llm("transformer.ln_f.weight", (D,)), llm("lm_head.weight", (V, D))
+    llm = lambda k, ours, shape, how=None: t.__setitem__(q + k, ("llm", ours, shape, how))
+    llm("transformer.wte.weight", "model.embed_tokens.weight", (V, D))
+    llm("transformer.ln_f.weight", "model.norm.weight", (D,)), llm("lm_head.weight", "lm_head.weight", (V, D))
     io = {"attn.c_attn": (D, 3 * P), "attn.c_proj": (P, D), "mlp.w1": (D, F), "mlp.w2": (D, F), "mlp.c_proj": (F, D)}
     for i in range(dims["num_hidden_layers"]):
-        h = f"transformer.h.{i}."
-        llm(h + "ln_1.weight", (D,)), llm(h + "ln_2.weight", (D,)), llm(h + "attn.c_attn.bias", (3 * P,))
+        h, o = f"transformer.h.{i}.", f"model.layers.{i}."
+        llm(h + "ln_1.weight", o + "input_layernorm.weight", (D,))
+        llm(h + "ln_2.weight", o + "post_attention_layernorm.weight", (D,))
+        llm(h + "attn.c_attn.bias", tuple(o + n + ".bias" for n in QWEN_LINEARS["attn.c_attn"]), (3 * P,), "split")
         for m, (n_in, n_out) in io.items():
-            llm(h + m + ".weight", (n_out, n_in))
+            names = QWEN_LINEARS[m]
+            llm(h + m + ".weight", tuple(o + n + ".weight" for n in names), (n_out, n_in), "split")
             if m in targets:
-                ours = f"decoder.layers.{i}.{QWEN_LINEARS[m]}"
-                t[q + h + m + ".lora_A.default.weight"] = ("run", ours + ".lora_A", (dims["lora_r"], n_in))
-                t[q + h + m + ".lora_B.default.weight"] = ("run", ours + ".lora_B", (n_out, dims["lora_r"]))
+                ours = tuple(f"decoder.layers.{i}.{n}" for n in names)
+                t[q + h + m + ".lora_A.default.weight"] = ("run", tuple(n + ".lora_A" for n in ours),
+                                                           (dims["lora_r"], n_in), "copy")
+                t[q + h + m + ".lora_B.default.weight"] = ("run", tuple(n + ".lora_B" for n in ours),
+                                                           (n_out, dims["lora_r"]), "split")
 
     a, L, inner, k = "adapter.", D, dims["inner_dim"], dims["kernel_size"]
     for i in range(n_convs):  # Conv1dSubsampler(d, 2d, D): d -> 2d -GLU-> d ... -> 2D -GLU-> D
         c_in, c_out = d, (2 * d if i < n_convs - 1 else 2 * L)
-        t[a + f"subsampler.conv_layers.{i}.weight"] = ("run", a + f"conv_layers.{i}.weight", (c_out, c_in, k))
-        t[a + f"subsampler.conv_layers.{i}.bias"] = ("run", a + f"conv_layers.{i}.bias", (c_out,))
-    t[a + "fc1.weight"] = ("run", a + "fc1.weight", (inner, L))
-    t[a + "fc2.weight"] = ("run", a + "fc2.weight", (L, inner))
-    t[a + "speech_ln.weight"] = ("run", a + "speech_ln.weight", (L,))
-    t[a + "speech_ln.bias"] = ("run", a + "speech_ln.bias", (L,))
-    t["hidden2emotion.weight"] = ("run", "emotion_head.weight", (N_EMOTIONS, L))
+        t[a + f"subsampler.conv_layers.{i}.weight"] = ("run", a + f"conv_layers.{i}.weight", (c_out, c_in, k), None)
+        t[a + f"subsampler.conv_layers.{i}.bias"] = ("run", a + f"conv_layers.{i}.bias", (c_out,), None)
+    t[a + "fc1.weight"] = ("run", a + "fc1.weight", (inner, L), None)
+    t[a + "fc2.weight"] = ("run", a + "fc2.weight", (L, inner), None)
+    t[a + "speech_ln.weight"] = ("run", a + "speech_ln.weight", (L,), None)
+    t[a + "speech_ln.bias"] = ("run", a + "speech_ln.bias", (L,), None)
+    t["hidden2emotion.weight"] = ("run", "emotion_head.weight", (N_EMOTIONS, L), None)
     return t
 
 
@@ -246,7 +256,7 @@ def convert(src, out_dir=DEFAULT_OUT, log=print):
     # what it costs, before anything is loaded: weights in the release's dtype, and the largest shard
     itemsize = DTYPE_BYTES.get(raw.get("torch_dtype") or "bfloat16", 2)
     numel = {p: 0 for p in ("whisper", "llm", "run")}
-    for part, _, shape in table.values():
+    for part, _, shape, _ in table.values():
         numel[part] += torch.Size(shape).numel()
     shards = sorted(set(wm.values()))
     biggest = max(os.path.getsize(os.path.join(src, s)) for s in shards)
@@ -306,22 +316,25 @@ def _convert_shards(src, tmp, table, wm, shards, preloaded, log):
                 _fail(f"{path}: holds {key}, which pytorch_model.bin.index.json does not list for it")
         out, storages = {"whisper": {}, "llm": {}}, set()
         for key in listed:
-            part, name, shape = table[key]
+            part, name, shape, how = table[key]
             x = sd[key]
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 _fail(f"{path}: {key} is not a floating-point tensor")
             if tuple(x.shape) != tuple(shape):
                 _fail(f"{path}: {key} has shape {tuple(x.shape)}, the config implies {tuple(shape)}")
-            if part == "run":
-                ours[name] = x.contiguous().clone()  # small: adapter, emotion head, LoRA
-                continue
-            # safetensors refuses tensors that share storage (tied or sliced weights in a pickle): copy those only,
-            # everything else goes from the mmap straight to the file
-            ptr = x.untyped_storage().data_ptr()
-            out[part][name] = x.contiguous() if ptr not in storages else x.clone()
-            storages.add(ptr)
-            # the folder's config says what its weights are: the first tensor's dtype (the release is all bf16)
-            dtypes.setdefault(part, str(x.dtype).split(".")[-1])
+            targets = name if isinstance(name, tuple) else (name,)
+            pieces = x.chunk(len(targets)) if how == "split" else [x] * len(targets)
+            for n, y in zip(targets, pieces):
+                if part == "run" or how is not None:
+                    y = y.contiguous().clone()  # small (adapter, emotion head, LoRA), or a slice of a fused tensor
+                elif y.untyped_storage().data_ptr() in storages:
+                    y = y.clone()  # safetensors refuses tensors that share storage (tied weights in a pickle)
+                else:
+                    storages.add(y.untyped_storage().data_ptr())   # from the mmap straight to the file
+                    y = y.contiguous()
+                (ours if part == "run" else out[part])[n] = y
+            if part != "run":  # the folder's config says what its weights are: the first tensor's dtype
+                dtypes.setdefault(part, str(x.dtype).split(".")[-1])
         for part, tensors in out.items():
             if tensors:
                 fname = names[part][shard]
@@ -341,10 +354,16 @@ def _write_configs(src, tmp, raw, run, dtypes):
     wc = dict(raw["whisper_config"], torch_dtype=dtypes["whisper"])
     wc.setdefault("model_type", "whisper")
     _write_json(os.path.join(tmp, "whisper", "config.json"), wc)
-    # Qwen-1 folder layout: our Decoder.from_pretrained reads it; auto_map pointed at the release's remote code
-    qc = {k: v for k, v in raw["qwen_config"].items() if k != "auto_map"}
-    qc.update(model_type="qwen", torch_dtype=dtypes["llm"])
-    _write_json(os.path.join(tmp, "llm", "config.json"), qc)
+    # Qwen-1 as a Qwen2 config: within seq_length (all BLSP-Emo uses), Qwen-1's dynamic NTK and log-n
+    # attention are off, so it is a Qwen2 with bias on q|k|v only and untied embeddings
+    qc = raw["qwen_config"]
+    heads = int(qc["num_attention_heads"])
+    _write_json(os.path.join(tmp, "llm", "config.json"), dict(
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=qc["vocab_size"],
+        hidden_size=qc["hidden_size"], intermediate_size=qc["intermediate_size"] // 2,
+        num_hidden_layers=qc["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
+        rms_norm_eps=qc.get("layer_norm_epsilon", 1e-6), rope_theta=qc.get("rotary_emb_base", 10000.0),
+        max_position_embeddings=qc.get("seq_length", 2048), tie_word_embeddings=False, torch_dtype=dtypes["llm"]))
     if not os.path.isfile(os.path.join(src, "qwen.tiktoken")):
         _fail(f"{os.path.join(src, 'qwen.tiktoken')}: missing (the Qwen-1 tokenizer)")
     for name in TOKENIZER_FILES:

@@ -11,9 +11,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import adapter
 import convert
 import data
-from adapter import (IGNORE, Adapter, EmotionHead, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss,
+from adapter import (IGNORE, Adapter, EmotionHead, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss, partial_lora,
                      kl_loss, lora_settings, masked_mean, response_positions)
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
 
@@ -166,16 +167,16 @@ def randomize_lora(dec, seed=5, scale=0.3):
 def test_lora_structure():
     dec = add_lora(tiny_decoder(), r=4, alpha=8)
     names = [n for n, _ in dec.named_parameters() if "lora" in n]
-    assert len(names) == 2 * 5 * 2
-    assert "layers.1.attention.wqkv.lora_A" in names and "layers.0.feed_forward.w_down.lora_B" in names
-    m = dec.layers[0].attention.wqkv
-    assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (64, 4) and (m.lora_B == 0).all() and m.scale == 2.0
-    assert m.bias is not None and "layers.0.attention.wqkv.weight" in dict(dec.named_parameters())
-    assert lora_settings(dec) == dict(r=4, alpha=8, dropout=0.05, targets=["w_down", "w_gate", "w_up", "wo", "wqkv"])
+    assert len(names) == 2 * 7 * 2
+    assert "layers.1.self_attn.q_proj.lora_A" in names and "layers.0.mlp.down_proj.lora_B" in names
+    m = dec.layers[0].self_attn.k_proj
+    assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (16, 4) and (m.lora_B == 0).all() and m.scale == 2.0
+    assert m.bias is not None and "layers.0.self_attn.k_proj.weight" in dict(dec.named_parameters())
+    assert lora_settings(dec) == dict(r=4, alpha=8, dropout=0.05, targets=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     with pytest.raises(ValueError, match="already"):
         add_lora(dec)
     with pytest.raises(ValueError, match="no nn.Linear"):
-        add_lora(tiny_decoder(), targets=("q_proj",))
+        add_lora(tiny_decoder(), targets=("wqkv",))
 
 
 def test_lora_zero_init_and_partial_mask():
@@ -185,19 +186,24 @@ def test_lora_zero_init_and_partial_mask():
     with torch.no_grad():
         ref = base(tokens)
         dec = add_lora(tiny_decoder(), r=4, alpha=8).eval()
-        assert torch.equal(dec(tokens, lora_mask=ones), ref)                 # B = 0: no change at all
+        with partial_lora(dec, ones):
+            assert torch.equal(dec(tokens), ref)                             # B = 0: no change at all
         randomize_lora(dec)
-        assert torch.equal(dec(tokens, lora_mask=zeros), ref)                # mask 0 everywhere = base
-        assert torch.equal(dec(tokens), ref)                                 # no mask = base
-        full = dec(tokens, lora_mask=ones)
+        with partial_lora(dec, zeros):
+            assert torch.equal(dec(tokens), ref)                             # mask 0 everywhere = base
+        assert torch.equal(dec(tokens), ref)                                 # outside partial_lora = base
+        with partial_lora(dec, ones):
+            full = dec(tokens)
         assert (full - ref).abs().max() > 1e-2                               # the delta is really there
-        speech = zeros.clone()
-        speech[:, 5:9] = 1                                                   # a speech slot at 5..8
-        part = dec(tokens, lora_mask=speech)
+        speech = zeros.bool()
+        speech[:, 5:9] = True                                                # a speech slot at 5..8
+        with partial_lora(dec, speech):
+            part = dec(tokens)
         assert torch.equal(part[:, :5], ref[:, :5])                          # before the slot: the base model
         assert (part[:, 5:] - ref[:, 5:]).abs().amax(dim=(0, 2)).min() > 1e-3   # the slot and all after it change
-        with pytest.raises(ValueError, match="lora_mask"):
-            dec(tokens, lora_mask=torch.ones(2, 11))
+        assert torch.equal(dec(tokens), ref)                                 # and off again after the block
+        with pytest.raises(ValueError, match="speech mask"), partial_lora(dec, torch.ones(2, 11)):
+            dec(tokens)
 
 
 # ----------------------------------------------------------------------------- tokenizer, SpeechLM
@@ -273,7 +279,7 @@ def test_chatml_layout_around_the_speech_slot(tok):
     assert out["labels"][0].tolist() == labels[:k] + [IGNORE] * 4 + labels[k + 1:]
     assert torch.equal(out["embeds"][0, k:k + 4], speech)
     text = torch.cat([out["embeds"][0, :k], out["embeds"][0, k + 4:]])
-    assert torch.equal(text, lm.decoder.embed(torch.tensor(ids[:k] + ids[k + 1:])))
+    assert torch.equal(text, lm.decoder.embed_tokens(torch.tensor(ids[:k] + ids[k + 1:])))
 
 
 def test_splice_batches_equal_rows_alone(tok):
@@ -284,7 +290,7 @@ def test_splice_batches_equal_rows_alone(tok):
     with torch.no_grad():
         for pad in ("right", "left"):
             batch = lm.splice(list(rows), speech, list(labs), pad=pad)
-            assert batch["speech_mask"].sum() == 9 and batch["speech_mask"].dtype == torch.float32
+            assert batch["speech_mask"].sum() == 9 and batch["speech_mask"].dtype == torch.bool
             for b in range(2):
                 one = lm.splice([rows[b]], [speech[b]], [labs[b]])
                 n = one["ids"].shape[1]
@@ -314,18 +320,18 @@ def test_encode_audio_real_frames_and_padded(tok):
     assert emb.shape == (2, 8, 32) and lengths.tolist() == [4, 8]
 
 
-def test_generate_batches_and_partial_lora(tok):
+def test_generate_batches_and_partial_lora(tok, monkeypatch):
     lm = tiny_lm(tok, lora=True, head=True)
     feats = [torch.randn(40, 16), torch.randn(90, 16)]
     convs = [[{"role": "system", "content": data.SYSTEM_PROMPT}, {"role": "user", "content": [p, data.SPEECH]}]
              for p in (INSTRUCTION, "hello ")]
     seen, masks = [], []
-    real_generate = lm.decoder.generate
+    real = adapter.partial_lora
 
-    def spy(**kw):
-        masks.append(kw["lora_mask"])
-        return real_generate(**kw)
-    lm.decoder.generate = spy
+    def spy(decoder, speech_mask):
+        masks.append(speech_mask)
+        return real(decoder, speech_mask)
+    monkeypatch.setattr(adapter, "partial_lora", spy)
     both = lm.generate(convs, feats=feats, max_new_tokens=6, on_token=lambda ids: seen.append(ids.tolist()))
     assert len(seen) >= 1 and all(len(s) == 2 for s in seen)
     alone = [lm.generate(c, feats=[f], max_new_tokens=6)[0] for c, f in zip(convs, feats)]
@@ -361,9 +367,9 @@ def test_stage1_step_teacher_and_student_line_up(tok):
 def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     lm = tiny_lm(tok).start_stage2(lora=dict(r=4, alpha=8, dropout=0.0)).train()
     randomize_lora(lm.decoder)
-    assert lm.emotion_head.weight.shape == (5, 32) and lm.decoder.layers[0].attention.wo.lora_A.dtype == torch.float32
+    assert lm.emotion_head.weight.shape == (5, 32) and lm.decoder.layers[0].self_attn.o_proj.lora_A.dtype == torch.float32
     names = lm.freeze_base()
-    assert len(names) == 10 + 1 + 2 * 5 * 2 and all(not p.requires_grad for p in lm.encoder.parameters())
+    assert len(names) == 10 + 1 + 2 * 7 * 2 and all(not p.requires_grad for p in lm.encoder.parameters())
     examples = [data.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
     s = lm.speech_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
@@ -371,11 +377,11 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
     assert all(g is None for n, g in grads.items() if n not in names)
-    # Partial LoRA in the LAST layer: only its wqkv reaches the response (through the keys and values the
-    # text positions attend to); its wo / MLP deltas change only speech positions' final states, which no
-    # loss reads. So those get exactly zero gradient, here and in the release alike.
-    dead = {n for n in names if n.startswith("decoder.layers.1.") and ".wqkv." not in n}
-    assert len(dead) == 8 and all(grads[n].abs().sum() == 0 for n in dead)
+    # Partial LoRA in the LAST layer: only its k_proj and v_proj reach the response (through the keys and
+    # values the text positions attend to); its q / o / MLP deltas change only speech positions' final
+    # states, which no loss reads. So those get exactly zero gradient, here and in the release alike.
+    dead = {n for n in names if n.startswith("decoder.layers.1.") and not (".k_proj." in n or ".v_proj." in n)}
+    assert len(dead) == 10 and all(grads[n].abs().sum() == 0 for n in dead)
     live = [n for n in names if n not in dead]
     assert all(grads[n].abs().sum() > 0 for n in live), [n for n in live if grads[n].abs().sum() == 0]
 
@@ -426,10 +432,10 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
     cfg = json.loads((run / "config.json").read_text())
     assert not os.path.isabs(cfg["whisper"]) and cfg["stage"] == "emotion" and cfg["lr"] == 2e-5
     assert cfg["adapter"] == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3)
-    assert cfg["lora"] == dict(r=4, alpha=8, dropout=0.05, targets=["w_down", "w_gate", "w_up", "wo", "wqkv"])
+    assert cfg["lora"] == dict(r=4, alpha=8, dropout=0.05, targets=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     assert cfg["num_emotions"] == 5
     saved = load_file(str(run / "model.safetensors"))
-    assert set(saved) == set(lm.trainable_parameters()) and len(saved) == 10 + 1 + 2 * 5 * 2
+    assert set(saved) == set(lm.trainable_parameters()) and len(saved) == 10 + 1 + 2 * 7 * 2
     assert all(k.startswith(("adapter.", "emotion_head.", "decoder.layers.")) for k in saved)
 
     monkeypatch.chdir(tmp_path)                  # paths in config.json resolve against the run folder, not cwd
@@ -447,7 +453,7 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
     assert SpeechLM.from_run(str(tmp_path / "runs" / "b"), device="cpu").config["num_emotions"] == 5
     # frozen networks in bf16, trainable weights kept in fp32 (what the optimizer updates)
     half = SpeechLM.from_run(str(run), device="cpu", dtype="bf16")
-    assert half.decoder.tok_embeddings.weight.dtype == half.encoder.conv1.weight.dtype == torch.bfloat16
+    assert half.decoder.embed_tokens.weight.dtype == half.encoder.conv1.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in half.trainable_parameters().values())
     assert len(half.generate(msgs, feats=feats, max_new_tokens=3)[0]) > 0
 

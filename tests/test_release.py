@@ -168,19 +168,24 @@ def test_layout_no_pickle_and_config(converted):
     assert cfg["whisper"] == "whisper" and cfg["llm"] == "llm" and cfg["stage"] == "release"
     assert cfg["adapter"] == {"d_enc": D_ENC, "d_llm": D, "inner_dim": INNER, "kernel_size": 5, "n_convs": 3}
     assert cfg["lora"] == {"r": R, "alpha": ALPHA, "dropout": 0.05,
-                           "targets": ["wqkv", "wo", "w_gate", "w_up", "w_down"]}
+                           "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     assert cfg["num_emotions"] == 5
     llm = json.load(open(os.path.join(out, "llm", "config.json")))
-    assert llm["model_type"] == "qwen" and "auto_map" not in llm and llm["torch_dtype"] == "float32"
+    assert llm["model_type"] == "qwen2" and llm["intermediate_size"] == INTER // 2 and llm["torch_dtype"] == "float32"
     from safetensors.torch import load_file
     ours = load_file(os.path.join(out, "model.safetensors"))
     q = "qwen_model.model.transformer.h.1."
-    assert torch.equal(ours["decoder.layers.1.attention.wo.lora_A"], sd[q + "attn.c_proj.lora_A.default.weight"])
-    assert torch.equal(ours["decoder.layers.1.feed_forward.w_down.lora_B"], sd[q + "mlp.c_proj.lora_B.default.weight"])
-    assert torch.equal(ours["decoder.layers.0.feed_forward.w_gate.lora_B"],
+    assert torch.equal(ours["decoder.layers.1.self_attn.o_proj.lora_A"], sd[q + "attn.c_proj.lora_A.default.weight"])
+    assert torch.equal(ours["decoder.layers.1.mlp.down_proj.lora_B"], sd[q + "mlp.c_proj.lora_B.default.weight"])
+    assert torch.equal(ours["decoder.layers.0.mlp.gate_proj.lora_B"],
                        sd["qwen_model.model.transformer.h.0.mlp.w2.lora_B.default.weight"])
+    # Qwen-1's fused q|k|v LoRA: A shared by the three, B split on its output axis
+    A, B = sd[q + "attn.c_attn.lora_A.default.weight"], sd[q + "attn.c_attn.lora_B.default.weight"]
+    for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        assert torch.equal(ours[f"decoder.layers.1.self_attn.{name}.lora_A"], A)
+        assert torch.equal(ours[f"decoder.layers.1.self_attn.{name}.lora_B"], B[j * D:(j + 1) * D])
     assert torch.equal(ours["emotion_head.weight"], sd["hidden2emotion.weight"])
-    assert len([k for k in ours if ".lora_" in k]) == LAYERS * 5 * 2
+    assert len([k for k in ours if ".lora_" in k]) == LAYERS * 7 * 2
 
 
 def test_converting_twice_is_byte_identical_and_reads_each_shard_once(converted, monkeypatch):
@@ -324,7 +329,7 @@ def test_converted_run_matches_the_reference(converted):
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
     import data
-    from adapter import SpeechLM
+    from adapter import SpeechLM, partial_lora
     _, sd, out = converted
     lm = SpeechLM.from_run(out, device="cpu", dtype="fp32")
     g = torch.Generator().manual_seed(1)
@@ -354,7 +359,8 @@ def test_converted_run_matches_the_reference(converted):
     assert row.count(data.SPEECH) == 1 and max(row) < VOCAB, row
     with torch.no_grad():
         batch = lm.splice([row], [sp[0]])
-        logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"], lora_mask=batch["speech_mask"])
+        with partial_lora(lm.decoder, batch["speech_mask"]):
+            logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
         plain = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
     s = row.index(data.SPEECH)
     wte = sd["qwen_model.model.transformer.wte.weight"]
@@ -394,7 +400,7 @@ def test_release_without_lora_keeps_bf16(tmp_path):
     with safe_open(os.path.join(out, "whisper", index["model.encoder.conv1.weight"]), "pt") as f:
         assert f.get_tensor("model.encoder.conv1.weight").dtype == torch.bfloat16
     lm = SpeechLM.from_run(out, device="cpu")
-    assert not lm.has_lora and lm.decoder.tok_embeddings.weight.dtype == torch.bfloat16
+    assert not lm.has_lora and lm.decoder.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_single_file_release_with_tied_storage(pristine, tmp_path, monkeypatch, capsys):
