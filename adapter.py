@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, pick_device, pick_dtype
+from tokenizer import Tokenizer
 
 IGNORE = data.IGNORE  # label of positions that carry no loss (prompt, speech, padding)
 
@@ -369,7 +370,7 @@ class SpeechLM(nn.Module):
         decoder = Decoder.from_pretrained(llm, dtype=dtype, device=device)
         settings = {k: v for k, v in (adapter or {}).items() if k not in ("d_enc", "d_llm")}
         ad = Adapter(encoder.cfg.d_model, decoder.cfg.dim, **settings).to(device)
-        return cls(encoder, ad, decoder, data.Tokenizer.from_pretrained(llm), config=dict(whisper=whisper, llm=llm))
+        return cls(encoder, ad, decoder, Tokenizer.from_pretrained(llm), config=dict(whisper=whisper, llm=llm))
 
     def start_stage2(self, lora=None, num_emotions=len(data.EMOTIONS)):
         """Stage 2 adds partial LoRA (add_lora's arguments) and the emotion head, unless already there."""

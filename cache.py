@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch
+from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch, pad_batch
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
@@ -136,13 +136,7 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
     with open(path, "a") as f:
         for b in tqdm(range(0, len(todo), batch_size), desc="LLM targets", unit="batch", disable=not todo):
             chunk = todo[b:b + batch_size]
-            rows = [tok.encode_chat(m) for _, m in chunk]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
-            valid = torch.zeros(len(rows), width, dtype=torch.bool)
-            for j, r in enumerate(rows):   # left padding: every row's last token is the prompt's end
-                ids[j, width - len(r):] = torch.tensor(r)
-                valid[j, width - len(r):] = True
+            ids, _, valid = pad_batch([tok.encode_chat(m) for _, m in chunk], tok.pad_id, side="left")
             new = decoder.generate(ids.to(device), valid=valid.to(device), max_new_tokens=max_new_tokens,
                                    stop_ids=tok.eos_ids)
             for (key, _), toks in zip(chunk, new):

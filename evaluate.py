@@ -411,8 +411,42 @@ def main():
                   stage1_side_by_side=side_by_side, tone=tone, ser_replies=res["replies"][:50], config=config)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    for name, run in (("semantic", stage1), ("emotion", stage2)):
+        plot_losses(os.path.join(run, "log.jsonl"), os.path.join(out, f"{name}_loss.png"))
     write_markdown(report, os.path.join(out, "report.md"))
     print(open(os.path.join(out, "report.md")).read())
+
+
+def plot_losses(log_path, png_path):
+    """A run's log.jsonl as curves: one panel per measure (train a line, eval dots), and seconds per training
+    step last, which stays flat over a run unless something slows the steps. matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss plot")
+        return False
+    rows = [json.loads(r) for r in open(log_path) if r.strip()]
+    train = [r for r in rows if r["split"] == "train" and "elapsed" in r]
+    for a, b in zip(train, train[1:]):
+        b["s_per_step"] = (b["elapsed"] - a["elapsed"]) / (b["step"] - a["step"])
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))} - {"step", "lr", "elapsed",
+                                                                                           "s_per_step"})
+    keys += ["s_per_step"] if len(train) > 1 else []
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.5 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=split, markersize=3)
+        ax.set_ylabel(key)
+        ax.legend()
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    data.atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+    return True
 
 
 def write_markdown(r, path):
@@ -441,7 +475,7 @@ def write_markdown(r, path):
     lines += ["", "## Stage 2: same words, different tone", ""]
     for t in r["tone"]:
         lines += [f"- *{t['text']}* ({t['voice']})"] + [f"  - {e}: {t[e]}" for e in EMOTIONS]
-    lines += ["", "![confusion](confusion.png) ![stage 1 loss](semantic/loss.png) ![stage 2 loss](emotion/loss.png)"]
+    lines += ["", "![confusion](confusion.png) ![stage 1 loss](semantic_loss.png) ![stage 2 loss](emotion_loss.png)"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -27,7 +27,7 @@ from configurator import configure
 from data import (EMOTION_SYSTEM_PROMPT, EMOTIONS, emotion_label, emotion_student_parts, emotion_target_messages,
                   make_example, read_manifest)
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
-                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan, plot_losses,
+                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
                      rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_emotion.py --key=value overrides any of these ----
@@ -190,7 +190,6 @@ def main():
     if rank == 0:
         model.save_run(out_dir, {**config, "stage": "emotion", "whisper": model.config["whisper"],
                                  "llm": model.config["llm"]})
-        plot_losses(log, os.path.join(out_dir, "loss.png"))
         summary = {"steps": step, **{f"eval_{k}": v for k, v in last_eval.items()}, "peak_rss_gb": peak_rss_gb()}
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -22,7 +22,7 @@ from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages, make_example, read_manifest
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
-                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan, plot_losses,
+                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
                      rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_semantic.py --key=value overrides any of these ----
@@ -155,7 +155,6 @@ def main():
 
     if rank == 0:
         model.save_run(out_dir, {**config, "stage": "semantic"})
-        plot_losses(log, os.path.join(out_dir, "loss.png"))
         summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
         summary.update(kl_end=last_eval.get("kl"), ce_end=last_eval.get("ce"), steps=step, peak_rss_gb=peak_rss_gb())
         with open(summary_path, "w") as f:

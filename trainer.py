@@ -5,7 +5,7 @@ the training loop itself is written out in train_semantic.py and train_emotion.p
 
 Exact resume: everything random about training is a function of (seed, step) or saved in the
 checkpoint. The batch order is a fixed permutation per epoch, and a checkpoint holds the trainable
-weights, the optimizer moments and every rank's python/numpy/torch RNG state. So a run killed at any
+weights, the optimizer moments and every rank's torch RNG state. So a run killed at any
 moment and resumed from its newest checkpoint ends bitwise equal to one that never stopped.
 
 A run folder: log.jsonl, loss.png, checkpoints/step_NNNNNNN/{model.safetensors, config.json, state.pt}.
@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import re
 import resource
 import shutil
@@ -23,7 +22,6 @@ import signal
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -199,23 +197,6 @@ def last_checkpoint(run_dir, resume):
     return ckpts[-1] if ckpts else None
 
 
-def _rng_state(device):
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:])}  # plain types: weights_only load
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state, device):
-    random.setstate(state["python"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
     """-> (step, elapsed seconds) the loop starts from. ckpt None: step 0; every RNG is seeded (per rank,
     so dropout masks differ between ranks) and every rank takes rank 0's weights. Else the checkpoint's
@@ -226,9 +207,7 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
     device = next(iter(trainable.values())).device
     step, elapsed = 0, 0.0
     if ckpt is None:
-        random.seed(seed + rank)
-        np.random.seed(seed + rank)
-        torch.manual_seed(seed + rank)
+        torch.manual_seed(seed + rank)   # torch draws all training's randomness (dropout); the batch order is (seed, step)
         for p in trainable.values() if world > 1 else []:
             dist.broadcast(p.data, 0)
     else:
@@ -245,7 +224,9 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
                              "its place in the data means nothing here")
         opt.load_state_dict(state["optimizer"])
         if rank < len(state["rng"]):
-            _set_rng_state(state["rng"][rank], device)
+            torch.set_rng_state(state["rng"][rank]["cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
         else:  # resumed on more ranks than saved: this rank's random stream starts afresh (not bitwise)
             print(f"rank {rank}: no saved RNG state in {ckpt}, reseeding")
         step, elapsed = state["step"], state["elapsed"]
@@ -267,7 +248,8 @@ def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
     optimizer, every rank's RNG state, extra), keeping the newest keep_last (0: all). Every rank calls
     it, to hand over its RNG state; rank 0 writes."""
     rank, world = _rank_world()
-    rng = _rng_state(next(iter(trainable.values())).device)
+    device = next(iter(trainable.values())).device
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
     rngs = [rng]
     if world > 1:
         rngs = [None] * world
@@ -314,33 +296,6 @@ def log_row(path, **row):
         f.write(json.dumps(row) + "\n")
     print(f"step {row['step']} {row['split']}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                             if k not in ("step", "split")))
-
-
-def plot_losses(log_path, png_path):
-    """Loss curves from the JSON-lines log: one panel per metric, train as a line, eval as dots.
-    matplotlib is optional: without it, say so and return False."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the loss plot")
-        return False
-    rows = [json.loads(r) for r in Path(log_path).read_text().splitlines() if r.strip()]
-    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))} - {"step", "lr", "elapsed"})
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.5 * len(keys)), sharex=True, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        for split, style in (("train", "-"), ("eval", "o-")):
-            points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=split, markersize=3)
-        ax.set_ylabel(key)
-        ax.legend()
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return True
 
 
 def peak_rss_gb():

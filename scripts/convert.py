@@ -7,7 +7,7 @@ model.py and data.py read.
 - GGUF (llama / qwen2) -> config.json, generation_config.json, model.safetensors and the byte-level
   BPE tokenizer files, dequantized with llama.cpp's own `gguf` package.
 - Any of the tokenizer layouts (tokenizer.json, vocab.json + merges.txt, Qwen-1's qwen.tiktoken, Llama-3's
-  tokenizer.model) -> tokenizer.tiktoken + tokenizer.tiktoken.json, the two files data.Tokenizer reads.
+  tokenizer.model) -> tokenizer.tiktoken + tokenizer.tiktoken.json, the two files tokenizer.Tokenizer reads.
 """
 import base64
 import binascii
@@ -391,7 +391,7 @@ def read_tokenizer(folder):
 
 
 def write_tokenizer(folder):
-    """Reconcile the folder's tokenizer files once, into the two files data.Tokenizer reads."""
+    """Reconcile the folder's tokenizer files once, into the two files tokenizer.Tokenizer reads."""
     ranks, meta = read_tokenizer(folder)
     lines = "".join(f"{base64.b64encode(b).decode()} {r}\n" for b, r in ranks.items())
     atomic_write(os.path.join(folder, "tokenizer.tiktoken"), lambda tmp: _write(tmp, lines))

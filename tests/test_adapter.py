@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import adapter
 import convert
 import data
+from tokenizer import Tokenizer
 from adapter import (IGNORE, Adapter, EmotionHead, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss, partial_lora,
                      kl_loss, lora_settings, masked_mean, response_positions)
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
@@ -236,7 +237,7 @@ def tok_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_dir):
-    return data.Tokenizer.from_pretrained(tok_dir)
+    return Tokenizer.from_pretrained(tok_dir)
 
 
 def tiny_lm(tok, lora=False, head=False, seed=0):
@@ -401,7 +402,7 @@ def hf_folders(tmp_path_factory, tok_dir):
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
                                       begin_suppress_tokens=None, suppress_tokens=None)
     transformers.WhisperModel(wcfg).save_pretrained(root / "whisper")
-    tk = data.Tokenizer.from_pretrained(tok_dir)
+    tk = Tokenizer.from_pretrained(tok_dir)
     for name, hidden in (("llm", 32), ("llm48", 48)):
         cfg = transformers.LlamaConfig(vocab_size=tk.vocab_size, hidden_size=hidden, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -420,7 +421,7 @@ def build_from(folders, llm="llm", d_llm=32):
     add_lora(dec, r=4, alpha=8)
     randomize_lora(dec)
     torch.manual_seed(7)
-    return SpeechLM(enc, Adapter(16, d_llm, inner_dim=8), dec, data.Tokenizer.from_pretrained(folders[llm]),
+    return SpeechLM(enc, Adapter(16, d_llm, inner_dim=8), dec, Tokenizer.from_pretrained(folders[llm]),
                     EmotionHead(d_llm))
 
 

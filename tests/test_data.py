@@ -14,7 +14,8 @@ import torchaudio.functional as AF
 
 import convert
 import data
-from data import SPEECH, AudioError, Tokenizer, load_audio, log_mel, log_mel_batch, make_example
+from data import SPEECH, AudioError, load_audio, log_mel, log_mel_batch, make_example
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------- audio
 

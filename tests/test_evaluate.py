@@ -3,6 +3,9 @@
 # tiny random SpeechLM with an emotion head. Then the likelihood-scored measures (closed-set SER, content
 # retrieval) on scorers whose answers are planted, reply scoring against the decoder's own numbers, and
 # the reply measures (distinct replies, VADER fit gap) on texts of known valence.
+import json
+import sys
+
 import pytest
 import torch
 
@@ -376,3 +379,18 @@ def test_teacher_replies_use_the_stage2_prompt_and_its_cache(model, monkeypatch,
     with pytest.raises(RuntimeError, match="regenerated"):   # the paper's prompt is another prompt: not cached
         ev.teacher_replies(model, texts, emos, path, max_new_tokens=5, paper=True)
     assert asked and all(p for _, _, p in asked)
+
+
+def test_loss_plot_and_its_optional_matplotlib(tmp_path, monkeypatch, capsys):
+    """The curves of a run's log with seconds per step as the last panel; without matplotlib, a note and no file."""
+    import matplotlib.pyplot as plt
+    log = tmp_path / "log.jsonl"
+    rows = [dict(step=s, split="train", loss=1 / s, elapsed=2.0 * s) for s in (10, 20, 30)] + [dict(step=30, split="eval", kl=0.3)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    panels = []
+    monkeypatch.setattr(plt.Axes, "set_ylabel", lambda ax, label: panels.append(label))
+    assert ev.plot_losses(log, tmp_path / "a.png") and (tmp_path / "a.png").stat().st_size > 1000
+    assert panels == ["kl", "loss", "s_per_step"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert not ev.plot_losses(log, tmp_path / "b.png") and not (tmp_path / "b.png").exists()
+    assert "matplotlib is not installed" in capsys.readouterr().out

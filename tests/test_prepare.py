@@ -13,6 +13,7 @@ import torch
 
 import convert
 import data
+from tokenizer import Tokenizer
 import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +266,7 @@ def test_gguf_decoder_logits_match_transformers_gguf_loader(tiny_llm, tmp_path, 
 
 
 def test_gguf_tokenizer_files(tiny_llm, tmp_path):
-    """Our files, read by data.Tokenizer and by `tokenizers`, give the ids of the tokenizer the GGUF
+    """Our files, read by tokenizer.Tokenizer and by `tokenizers`, give the ids of the tokenizer the GGUF
     was made from and of transformers' own GGUF tokenizer."""
     import transformers
     from tokenizers import Tokenizer as HFTokenizer
@@ -274,7 +275,7 @@ def test_gguf_tokenizer_files(tiny_llm, tmp_path):
     arch, _, original, files = tiny_llm
     convert.convert_llm(str(files["Q8_0"]), str(tmp_path), torch.float32, progress=False)
     ref = transformers.AutoTokenizer.from_pretrained(files["Q8_0"].parent, gguf_file=files["Q8_0"].name)
-    ours, ours_json = data.Tokenizer.from_pretrained(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ours, ours_json = Tokenizer.from_pretrained(tmp_path), HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     ours_tf = transformers.AutoTokenizer.from_pretrained(tmp_path)  # our folder, as transformers reads it
     texts = corpus()
     for s in texts:
@@ -398,15 +399,15 @@ def test_local_folder_checks(tiny_llm, tmp_path):
     good = tmp_path / "My-LLM"
     good.mkdir()
     convert.convert_llm(str(files["F32"]), str(good), torch.float32, progress=False)
-    ids = data.Tokenizer.from_pretrained(good).encode("hello 123 world")
+    ids = Tokenizer.from_pretrained(good).encode("hello 123 world")
     for f in ("tokenizer.tiktoken", "tokenizer.tiktoken.json"):   # a hub folder has only its own tokenizer files
         (good / f).unlink()
     with pytest.raises(FileNotFoundError, match=r"run `python scripts/prepare.py --llm="):
-        data.Tokenizer.from_pretrained(good)
+        Tokenizer.from_pretrained(good)
     out = tmp_path / "checkpoints"
     link = prepare.link_local(str(good), "llm", str(out))
     assert os.path.islink(link) and os.path.realpath(link) == str(good)  # linked, not copied
-    assert data.Tokenizer.from_pretrained(link).encode("hello 123 world") == ids  # the tokenizer written once
+    assert Tokenizer.from_pretrained(link).encode("hello 123 world") == ids  # the tokenizer written once
     assert prepare.link_local(str(good), "llm", str(out)) == link  # again: nothing changes
 
     bad = tmp_path / "no-weights"
@@ -503,7 +504,7 @@ def test_real_smollm2_logits_generate_and_tokenizer(real):
     ref = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=os.path.basename(real["smollm2.gguf"]),
                                                             dtype=torch.float32).eval()
     ref_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=os.path.basename(real["smollm2.gguf"]))
-    tok = data.Tokenizer.from_pretrained(real["llm", "fp32"])
+    tok = Tokenizer.from_pretrained(real["llm", "fp32"])
     chat = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of France?"}]
     ids = tok.encode_chat(chat)

@@ -110,9 +110,8 @@ def test_stage1_learns_and_writes_its_run_folder(speech):
     assert rows[0]["lr"] < rows[4]["lr"] < rows[5]["lr"] == pytest.approx(1e-2) and rows[-1]["lr"] == pytest.approx(1e-3, rel=0.01)
     assert [r["step"] for r in log_rows(out, "eval")] == [0, 40, 80]
     assert log_rows(out, "eval")[0]["kl"] == summary["kl_start"] and log_rows(out, "eval")[-1]["kl"] == summary["kl_end"]
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "log.jsonl", "loss.png", "model.safetensors",
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "log.jsonl", "model.safetensors",
                                        "summary.json", "targets.jsonl"]   # no temp files left
-    assert (out / "loss.png").stat().st_size > 1000
     # checkpoints: keep_last=2 of steps 25, 50, 75, 80, each with only the trainable weights (the adapter)
     ckpts = trainer.list_checkpoints(out)
     assert [c.name for c in ckpts] == ["step_0000075", "step_0000080"]
@@ -215,7 +214,7 @@ def fill():
 out = dict(both=both.grad.tolist(), mine=mine.grad.tolist(), unused=unused.grad is None,
            mean=trainer.mean_over_ranks({{"loss": 2.0 * (rank + 1)}}, 2), stop=trainer.any_rank(rank == 1),
            cache=trainer.rank0_first(fill))
-print("RESULT", json.dumps(out))
+Path({cache!r} + f".rank{{rank}}.json").write_text(json.dumps(out))   # files: two ranks' stdout lines can interleave
 trainer.end_distributed()
 """
 
@@ -227,7 +226,7 @@ def test_collectives_on_two_ranks(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
-    results = [json.loads(ln.split("RESULT ", 1)[1]) for ln in p.stdout.splitlines() if "RESULT " in ln]
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("cache.txt.rank*.json"))]
     assert len(results) == 2
     for r in results:
         assert r == dict(both=[1.5, 3.0, 4.5], mine=[2.0, 2.0, 2.0], unused=True, mean={"loss": 1.5}, stop=True,
@@ -309,11 +308,8 @@ def test_configurator(tmp_path):
     assert configurator.config_keys(defaults()) == ["lr", "batch_size", "name", "resume", "betas", "init_from"]
 
 
-def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch, capsys):
+def test_log_row_writes_and_prints(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     trainer.log_row(log, step=1, split="train", loss=1.0)
     assert capsys.readouterr().out == "step 1 train: loss 1\n"
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    assert not trainer.plot_losses(log, tmp_path / "loss.png")
-    assert "matplotlib is not installed" in capsys.readouterr().out
-    assert not (tmp_path / "loss.png").exists()
+    assert json.loads(log.read_text()) == {"step": 1, "split": "train", "loss": 1.0}

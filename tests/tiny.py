@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import convert
 import data
+import tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -88,7 +89,7 @@ def make_llm(folder, tok_folder, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ff
     """A Qwen2 folder (q/k/v biases, untied head) with the tokenizer files copied in. The ChatML specials'
     rows of lm_head are zero, so greedy decoding never stops early: every reply has max_new_tokens tokens
     (random weights would otherwise sometimes answer with nothing at all)."""
-    tok = data.Tokenizer.from_pretrained(tok_folder)
+    tok = tokenizer.Tokenizer.from_pretrained(tok_folder)
     V, hd = tok.vocab_size, dim // n_heads
     g = torch.Generator().manual_seed(seed)
     sd = {"model.embed_tokens.weight": torch.randn(V, dim, generator=g), "model.norm.weight": torch.ones(dim),
