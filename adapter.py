@@ -206,10 +206,12 @@ class SpeechLM(nn.Module):
     # --- audio -> speech embeddings
 
     @torch.no_grad()
-    def encode_audio(self, audios, padded=False):
+    def encode_audio(self, audios, padded=None):
         """1-D 16 kHz clips (cut to 30 s) -> list of encoder frames (T_i, d_enc), T_i = (n_frames - 1)//2 + 1.
-        Default: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
-        every clip padded to 30 s with whisper attending over the padding, cut to the real length after."""
+        padded=False: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
+        every clip padded to 30 s with whisper attending over the padding, cut to the real length after.
+        None: as the run was trained to hear (its config's "padded"; a converted release says True)."""
+        padded = self.config.get("padded", False) if padded is None else padded
         w = self.encoder.ln_post.weight
         clips = [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audios]
         for i, a in enumerate(clips):
@@ -268,7 +270,7 @@ class SpeechLM(nn.Module):
                     labels=lab.to(dev) if lab is not None else None)
 
     @torch.no_grad()
-    def generate(self, messages, audios=None, *, feats=None, padded=False, max_new_tokens=256,
+    def generate(self, messages, audios=None, *, feats=None, padded=None, max_new_tokens=256,
                  temperature=0.0, top_k=None, top_p=None, stop_ids=None, on_token=None, generator=None):
         """Reply to one conversation (a list of messages) or a batch (a list of conversations).
 

@@ -38,7 +38,9 @@ def encoder_id(folder, padded):
         if os.path.isfile(p):
             st = os.stat(p)
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(b"padded" if padded else b"real")
+    # padded features are cut at ceil(n / 160) mel frames (data.log_mel_batch); the tag changed with that count,
+    # so features cut at n // 160 by earlier versions are not reused
+    h.update(b"padded:ceil" if padded else b"real")
     return h.hexdigest()[:16]
 
 
@@ -90,8 +92,10 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
     return out
 
 
-def with_features(model, rows, padded=False, cache_dir=".cache/features"):
-    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped)."""
+def with_features(model, rows, padded=None, cache_dir=".cache/features"):
+    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped).
+    padded None: as the model's run was trained to hear (SpeechLM.encode_audio)."""
+    padded = model.config.get("padded", False) if padded is None else padded
     feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded), padded=padded,
                          device=model.decoder.tok_embeddings.weight.device)

@@ -38,7 +38,7 @@ out_dir = "runs/emotion"
 map = {}                        # fold a dataset's labels into the five, e.g. {"excited": "happy"}
 device = ""
 dtype = "auto"                  # bf16 where the device runs it fast, else fp32 (model.pick_dtype)
-padded = False
+padded = None                   # None: as the init_from run hears (a converted release: padded to 30 s)
 max_new_tokens = 48
 gen_batch_size = 32
 emotion_loss_weight = 1.0       # the paper: an unweighted sum; 0 trains on the continuation alone
@@ -84,7 +84,7 @@ def load_items(model, manifest, limit, run_dir):
     rows = read_manifest(manifest)[:limit or None]
     for n, r in enumerate(rows, 1):
         r["label"] = emotion_label(r["emotion"], map, f"{manifest}:{n}")
-    rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
+    rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.tok_embeddings.weight.device))
@@ -139,6 +139,7 @@ def main():
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
+    config["padded"] = model.config["padded"] = model.config.get("padded", False) if padded is None else padded
     model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
