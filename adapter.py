@@ -174,9 +174,13 @@ def emotion_loss(logits, labels):
 
 def response_positions(labels):
     """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)):
-    the positions that predict a target token, for ce_loss and the KL alike. (The release's response_kl reads
-    the target tokens themselves, labels != -100, which skips the prediction of the first target token and
-    adds the one after the last.)"""
+    the positions that predict a target token, for ce_loss and the KL alike.
+    The release's response_ce reads these same positions; its response_kl does not: it gathers the logits at
+    the target tokens themselves (labels != -100), i.e. the predictions of target tokens 2..n and of the token
+    after the last (what follows <|endoftext|> when the target ended, the 49th token when it was cut at 48),
+    and never the prediction of the first target token. Ours scores exactly the n predictions the target
+    defines: the first one included, which only the speech and the prompt precede (where hearing matters
+    most), none past the end, and the same positions as the CE, so both losses read one set of logits."""
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = labels[:, 1:] != IGNORE
     return at, labels[:, 1:][labels[:, 1:] != IGNORE]

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -103,6 +104,31 @@ def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     return kept, len(rows) - len(kept)
 
 
+def drop_by_duration(rows, min_seconds, max_seconds, where):
+    """The release's clip filter: rows whose audio lasts under min_seconds or over max_seconds (0: no bound) are
+    dropped, and counted. The duration comes from the file's header; a file without a readable one is kept, for
+    with_features to name and skip."""
+    if not (min_seconds or max_seconds):
+        return rows
+    kept, short, too_long = [], 0, 0
+    for r in rows:
+        try:
+            info = sf.info(r["audio"])
+        except (sf.SoundFileError, RuntimeError, OSError):
+            kept.append(r)
+            continue
+        seconds = info.frames / info.samplerate
+        if min_seconds and seconds < min_seconds:
+            short += 1
+        elif max_seconds and seconds > max_seconds:
+            too_long += 1
+        else:
+            kept.append(r)
+    print(f"{where}: {len(kept)} of {len(rows)} clips kept; dropped {short} under {min_seconds} s, "
+          f"{too_long} over {max_seconds or 'any'} s")
+    return kept
+
+
 def is_refusal(text):
     t = text.lower()
     return any(r in t for r in REFUSALS)
@@ -173,11 +199,16 @@ def trim_repeats(text):
     return text, False
 
 
-def training_items(rows, targets, make_examples, n_unreadable, where):
+def training_items(rows, targets, make_examples, n_unreadable, where, max_text_tokens=0):
     """Rows (with features and target_key) + make_targets' records -> training items: each row with its
     "target" and the examples make_examples(row, record) returns (a dict). Refusals and empty targets are
-    dropped and counted, never silently: the count is printed with the unreadable clips'."""
+    dropped and counted, never silently: the count is printed with the unreadable clips'. max_text_tokens: an
+    item whose "teacher" example (the LLM reading the transcript, then the target) is longer is dropped too,
+    as the release drops examples over max_length text tokens."""
     items, skipped, n_cut = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}, 0
+    too_long = f"over {max_text_tokens} text tokens"
+    if max_text_tokens:
+        skipped[too_long] = 0
     for row in rows:
         t = targets[row["target_key"]]
         why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
@@ -187,6 +218,10 @@ def training_items(rows, targets, make_examples, n_unreadable, where):
         text, cut = trim_repeats(t["target"])
         n_cut += cut
         t = dict(t, target=text, truncated=t["truncated"] and not cut)   # a cut loop ends where it is cut
-        items.append(dict(row, target=text, **make_examples(row, t)))
+        examples = make_examples(row, t)
+        if max_text_tokens and len(examples["teacher"][0]) > max_text_tokens:
+            skipped[too_long] += 1
+            continue
+        items.append(dict(row, target=text, **examples))
     print(f"{where}: {len(items)} items ({n_cut} targets cut where they began to repeat); skipped {skipped}")
     return items
