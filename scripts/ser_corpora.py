@@ -1,7 +1,7 @@
 """
 Manifests of the public SER corpora, read from each one's own layout, labels folded into BLSP-Emo's five.
 
-    python scripts/ser_corpora.py iemocap /data/IEMOCAP_full_release           # Session 5 -> speech/ser_iemocap_test.jsonl
+    python scripts/ser_corpora.py iemocap /data/IEMOCAP_full_release    # Session 5: speech/ser_iemocap_test.jsonl
     python scripts/ser_corpora.py meld /data/MELD.Raw --split=test
     python scripts/ser_corpora.py ravdess /data/RAVDESS
     python scripts/ser_corpora.py cremad /data/CREMA-D
@@ -39,7 +39,8 @@ CREMAD_SENTENCES = {
     "IWW": "I wonder what this is about.", "TAI": "The airplane is almost full.",
     "MTI": "Maybe tomorrow it will be cold.", "IWL": "I would like a new alarm clock.",
     "ITH": "I think I have a doctor's appointment.", "DFA": "Don't forget a jacket.",
-    "ITS": "I think I've seen this before.", "TSI": "The surface is slick.", "WSI": "We'll stop in a couple of minutes."}
+    "ITS": "I think I've seen this before.", "TSI": "The surface is slick.",
+    "WSI": "We'll stop in a couple of minutes."}
 IEMOCAP_FOLD = {"neu": "neutral", "hap": "happy", "exc": "happy", "ang": "angry", "sad": "sad", "sur": "surprise"}
 IEMOCAP_SESSIONS = {"test": (5,), "train": (1, 2, 3, 4), "all": (1, 2, 3, 4, 5)}
 MELD_FOLD = {"neutral": "neutral", "joy": "happy", "anger": "angry", "sadness": "sad", "surprise": "surprise"}
@@ -227,7 +228,8 @@ def main(argv=None):
     if dropped["mp4 only"]:
         clips = _find_named(args.root, MELD_SPLITS[split][1], True)
         print("MELD ships mp4 video: extract each clip's audio beside it, then run this again, e.g.\n"
-              f'  for v in "{clips}"/*.mp4; do ffmpeg -loglevel error -i "$v" -vn -ac 1 -ar 16000 "${{v%.mp4}}.wav"; done')
+              f'  for v in "{clips}"/*.mp4; do '
+              'ffmpeg -loglevel error -i "$v" -vn -ac 1 -ar 16000 "${v%.mp4}.wav"; done')
     return 0
 
 

@@ -419,7 +419,8 @@ def test_converted_run_hears_a_clip_as_the_release_does(tmp_path):
     assert feats[0].shape[0] == n_enc == 161 and sp.shape == sp_ref.shape == (1, 21, D)
     assert real[0].shape[0] == 160   # real-frames mode counts n // 160: another length, other features
 
-    row = lm.tok.encode_chat([{"role": "system", "content": "the"}, {"role": "user", "content": ["in the", data.SPEECH]}])
+    row = lm.tok.encode_chat([{"role": "system", "content": "the"},
+                              {"role": "user", "content": ["in the", data.SPEECH]}])
     s = row.index(data.SPEECH)
     wte = sd["qwen_model.model.transformer.wte.weight"]
     emb_ref = torch.cat([wte[row[:s]], sp_ref[0], wte[row[s + 1:]]])[None]
@@ -430,8 +431,8 @@ def test_converted_run_hears_a_clip_as_the_release_does(tmp_path):
         batch = lm.splice([row], [sp[0]])
         logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"], lora_mask=batch["speech_mask"])
         want = ref(inputs_embeds=emb_ref).logits
-    diffs = {"speech embeddings": (sp - sp_ref).abs().max().item(), "emotion logits": (emo - emo_ref).abs().max().item(),
-             "LLM logits": (logits - want).abs().max().item()}
+    diffs = {"speech embeddings": (sp - sp_ref).abs().max().item(),
+             "emotion logits": (emo - emo_ref).abs().max().item(), "LLM logits": (logits - want).abs().max().item()}
     print("ours vs the release's path, max |diff|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     # fp32 throughout; the log-mels differ by rounding only (numpy's FFT against torch's): measured 4e-6 at most
     assert max(diffs.values()) < 2e-5, diffs
