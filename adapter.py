@@ -190,9 +190,13 @@ def emotion_loss(logits, labels):
 
 def response_positions(labels):
     """Where to read the response's logits: (bool (B, S) row-major like Decoder(logits_at=...), targets (N,)):
-    the positions that predict a target token, for ce_loss and the KL alike. (The release's response_kl reads
-    the target tokens themselves, labels != -100, which skips the prediction of the first target token and
-    adds the one after the last.)"""
+    the positions that predict a target token, for ce_loss and the KL alike.
+    The release's response_ce reads these same positions; its response_kl does not: it gathers the logits at
+    the target tokens themselves (labels != -100), i.e. the predictions of target tokens 2..n and of the token
+    after the last (what follows <|endoftext|> when the target ended, the 49th token when it was cut at 48),
+    and never the prediction of the first target token. Ours scores exactly the n predictions the target
+    defines: the first one included, which only the speech and the prompt precede (where hearing matters
+    most), none past the end, and the same positions as the CE, so both losses read one set of logits."""
     at = torch.zeros_like(labels, dtype=torch.bool)
     at[:, :-1] = labels[:, 1:] != IGNORE
     return at, labels[:, 1:][labels[:, 1:] != IGNORE]
@@ -222,10 +226,12 @@ class SpeechLM(nn.Module):
     # --- audio -> speech embeddings
 
     @torch.no_grad()
-    def encode_audio(self, audios, padded=False):
+    def encode_audio(self, audios, padded=None):
         """1-D 16 kHz clips (cut to 30 s) -> list of encoder frames (T_i, d_enc), T_i = (n_frames - 1)//2 + 1.
-        Default: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
-        every clip padded to 30 s with whisper attending over the padding, cut to the real length after."""
+        padded=False: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
+        every clip padded to 30 s with whisper attending over the padding, cut to the real length after.
+        None: as the run was trained to hear (its config's "padded"; a converted release says True)."""
+        padded = self.config.get("padded", False) if padded is None else padded
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audios]
         for i, a in enumerate(clips):
@@ -284,7 +290,7 @@ class SpeechLM(nn.Module):
                     labels=lab.to(dev) if lab is not None else None)
 
     @torch.no_grad()
-    def generate(self, messages, audios=None, *, feats=None, padded=False, max_new_tokens=256,
+    def generate(self, messages, audios=None, *, feats=None, padded=None, max_new_tokens=256,
                  temperature=0.0, top_k=None, top_p=None, stop_ids=None, on_token=None, generator=None):
         """Reply to one conversation (a list of messages) or a batch (a list of conversations).
 

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 
+import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -38,7 +39,9 @@ def encoder_id(folder, padded):
         if os.path.isfile(p):
             st = os.stat(p)
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(b"padded" if padded else b"real")
+    # padded features are cut at ceil(n / 160) mel frames (data.log_mel_batch); the tag changed with that count,
+    # so features cut at n // 160 by earlier versions are not reused
+    h.update(b"padded:ceil" if padded else b"real")
     return h.hexdigest()[:16]
 
 
@@ -90,13 +93,40 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
     return out
 
 
-def with_features(model, rows, padded=False, cache_dir=".cache/features"):
-    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped)."""
+def with_features(model, rows, padded=None, cache_dir=".cache/features"):
+    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped).
+    padded None: as the model's run was trained to hear (SpeechLM.encode_audio)."""
+    padded = model.config.get("padded", False) if padded is None else padded
     feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded), padded=padded,
                          device=model.decoder.embed_tokens.weight.device)
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
+
+
+def drop_by_duration(rows, min_seconds, max_seconds, where):
+    """The release's clip filter: rows whose audio lasts under min_seconds or over max_seconds (0: no bound) are
+    dropped, and counted. The duration comes from the file's header; a file without a readable one is kept, for
+    with_features to name and skip."""
+    if not (min_seconds or max_seconds):
+        return rows
+    kept, short, too_long = [], 0, 0
+    for r in rows:
+        try:
+            info = sf.info(r["audio"])
+        except (sf.SoundFileError, RuntimeError, OSError):
+            kept.append(r)
+            continue
+        seconds = info.frames / info.samplerate
+        if min_seconds and seconds < min_seconds:
+            short += 1
+        elif max_seconds and seconds > max_seconds:
+            too_long += 1
+        else:
+            kept.append(r)
+    print(f"{where}: {len(kept)} of {len(rows)} clips kept; dropped {short} under {min_seconds} s, "
+          f"{too_long} over {max_seconds or 'any'} s")
+    return kept
 
 
 def is_refusal(text):
@@ -163,11 +193,16 @@ def trim_repeats(text):
     return text, False
 
 
-def training_items(rows, targets, make_examples, n_unreadable, where):
+def training_items(rows, targets, make_examples, n_unreadable, where, max_text_tokens=0):
     """Rows (with features and target_key) + make_targets' records -> training items: each row with its
     "target" and the examples make_examples(row, record) returns (a dict). Refusals and empty targets are
-    dropped and counted, never silently: the count is printed with the unreadable clips'."""
+    dropped and counted, never silently: the count is printed with the unreadable clips'. max_text_tokens: an
+    item whose "teacher" example (the LLM reading the transcript, then the target) is longer is dropped too,
+    as the release drops examples over max_length text tokens."""
     items, skipped, n_cut = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}, 0
+    too_long = f"over {max_text_tokens} text tokens"
+    if max_text_tokens:
+        skipped[too_long] = 0
     for row in rows:
         t = targets[row["target_key"]]
         why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
@@ -177,6 +212,10 @@ def training_items(rows, targets, make_examples, n_unreadable, where):
         text, cut = trim_repeats(t["target"])
         n_cut += cut
         t = dict(t, target=text, truncated=t["truncated"] and not cut)   # a cut loop ends where it is cut
-        items.append(dict(row, target=text, **make_examples(row, t)))
+        examples = make_examples(row, t)
+        if max_text_tokens and len(examples["teacher"][0]) > max_text_tokens:
+            skipped[too_long] += 1
+            continue
+        items.append(dict(row, target=text, **examples))
     print(f"{where}: {len(items)} items ({n_cut} targets cut where they began to repeat); skipped {skipped}")
     return items

@@ -138,7 +138,9 @@ def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
     Each clip is computed alone (trimmed to 30 s, the encoder's limit), so its features are exactly its own;
     real-frames rows are right-padded with 0, what the encoder's conv1 zero padding would read there."""
     clips = [torch.as_tensor(c, dtype=torch.float32)[:N_SAMPLES] for c in clips]
-    lengths = torch.tensor([n_frames(len(c)) for c in clips])
+    # padded: the frames the release keeps, counted as its feature extractor counts them (its attention mask,
+    # one per sample, read every 160th: ceil(n / 160), one more than n // 160 when n is not a multiple of 160)
+    lengths = torch.tensor([-(-len(c) // HOP_LENGTH) if pad_to_30s else n_frames(len(c)) for c in clips])
     if pad_to_30s:   # each clip alone: short ones skip their silent frames (log_mel)
         return torch.stack([log_mel(c, n_mels) for c in clips]), lengths
     mels = [log_mel(c, n_mels, pad_to_30s=False) for c in clips]

@@ -11,6 +11,7 @@ whether stage 1 heard the words: is the clip's own continuation the likeliest am
 Each measure has a floor or a ceiling beside it, so a number says how much of the possible was reached.
 
     python evaluate.py --stage1=runs/demo/semantic --stage2=runs/demo/emotion --out=runs/demo
+    python evaluate.py --ser_manifest=speech/ser_iemocap_test.jsonl --stage2=runs/blsp-emo-release   # one SER set
 """
 import json
 import os
@@ -67,10 +68,24 @@ def text_replies(model, texts, system, instruction, max_new_tokens, batch_size=1
     return out
 
 
+def accuracy(conf):
+    """The fraction of clips on the diagonal of a confusion matrix (rows: truth, columns: answers)."""
+    total = sum(sum(row) for row in conf)   # not map(sum, ...): `map` is one of this script's settings
+    return sum(row[i] for i, row in enumerate(conf)) / max(total, 1)
+
+
+def uar(conf):
+    """Unweighted average recall: each true class's fraction recognised, averaged over the classes that occur,
+    so every class counts alike whatever its share of the clips (chance is 1 / classes, not the majority
+    class's share). With accuracy, the figure SER tables report."""
+    recalls = [row[i] / sum(row) for i, row in enumerate(conf) if sum(row)]
+    return sum(recalls) / max(len(recalls), 1)
+
+
 @torch.no_grad()
 def ser_eval(model, items, batch_size=16, max_new_tokens=24):
-    """Free-text SER accuracy, per-class recall, confusion (rows: truth, columns: EMOTIONS + unknown),
-    and the emotion head's accuracy where the model has one."""
+    """Free-text SER accuracy and UAR, per-class recall, confusion (rows: truth, columns: EMOTIONS + unknown),
+    and the emotion head's accuracy and UAR where the model has one."""
     model.eval()
     texts = replies(model, items, SYSTEM_PROMPT, SER_QUESTION, max_new_tokens, batch_size)
     cols = EMOTIONS + ["unknown"]
@@ -78,25 +93,27 @@ def ser_eval(model, items, batch_size=16, max_new_tokens=24):
     for it, r in zip(items, texts):
         conf[it["label"]][cols.index(extract_label(r))] += 1
     n = len(items)
-    res = {"n": n, "acc": sum(conf[i][i] for i in range(len(EMOTIONS))) / max(n, 1),
+    res = {"n": n, "acc": accuracy(conf), "uar": uar(conf),
            "recall": {e: conf[i][i] / max(sum(conf[i]), 1) for i, e in enumerate(EMOTIONS)},
            "unknown": sum(row[-1] for row in conf), "confusion": conf, "columns": cols,
            "replies": [{"audio": it["audio"], "emotion": EMOTIONS[it["label"]], "reply": r} for it, r in zip(items, texts)]}
     if model.emotion_head is not None:
-        res["head_acc"] = head_accuracy(model, items, batch_size)
+        head = head_confusion(model, items, batch_size)
+        res.update(head_acc=accuracy(head), head_uar=uar(head))
     return res
 
 
 @torch.no_grad()
-def head_accuracy(model, items, batch_size=16):
-    """The emotion head's accuracy: the argmax of its five logits on each clip's pooled adapter output."""
-    hits = 0
+def head_confusion(model, items, batch_size=16):
+    """The emotion head's confusion matrix (rows: truth, columns: EMOTIONS): the argmax of its five logits on
+    each clip's pooled adapter output."""
+    conf = [[0] * len(EMOTIONS) for _ in EMOTIONS]
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         emb, lengths = model.speech_embeds([it["feats"] for it in chunk])
-        pred = model.emotion_logits(emb, lengths).argmax(-1).tolist()
-        hits += sum(p == it["label"] for p, it in zip(pred, chunk))
-    return hits / max(len(items), 1)
+        for p, it in zip(model.emotion_logits(emb, lengths).argmax(-1).tolist(), chunk):
+            conf[it["label"]][p] += 1
+    return conf
 
 
 def told(item):
@@ -199,9 +216,9 @@ def untrained(model, seed=0):
 
 
 def print_ser(res, title):
-    print(f"\n{title}: free-text accuracy {res['acc']:.1%} over {res['n']} clips "
+    print(f"\n{title}: free-text accuracy {res['acc']:.1%}, UAR {res['uar']:.1%} over {res['n']} clips "
           f"({res['unknown']} replies named no emotion)" +
-          (f"; emotion head {res['head_acc']:.1%}" if "head_acc" in res else ""))
+          (f"; emotion head accuracy {res['head_acc']:.1%}, UAR {res['head_uar']:.1%}" if "head_acc" in res else ""))
     print("  recall: " + "  ".join(f"{e} {v:.0%}" for e, v in res["recall"].items()))
     print("  confusion (rows: truth; columns: " + " ".join(res["columns"]) + ")")
     for e, row in zip(EMOTIONS, res["confusion"]):
@@ -304,6 +321,7 @@ asr_manifest = "speech/asr_test.jsonl"
 real_manifest = "speech/real.jsonl"
 emo_manifest = "speech/emo_test.jsonl"
 other_manifest = "speech/emo_other.jsonl"   # the test sentences by another speech engine, never trained on
+ser_manifest = ""               # a SER test set (scripts/ser_corpora.py): only its accuracy and UAR, for stage2
 map = {}                        # fold a dataset's labels into the five (as train_emotion.py --map)
 device = ""
 dtype = "auto"                  # bf16 where the device runs it fast, else fp32
@@ -336,6 +354,15 @@ def main():
     config = configure(globals(), sys.argv[1:])
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
+    if ser_manifest:
+        model = SpeechLM.from_run(stage2, device=device or None, dtype=dtype)
+        res = ser_eval(model, emotion_items(model, ser_manifest))
+        print_ser(res, f"{ser_manifest}, {stage2}")
+        path = os.path.join(out, f"ser_{os.path.splitext(os.path.basename(ser_manifest))[0]}.json")
+        with open(path, "w") as f:
+            json.dump({"manifest": ser_manifest, "run": stage2, **res}, f, indent=2)
+        print(f"wrote {path}")
+        return
     report = {}
     # Stage 1: the reply to the speech beside the reply to its transcript, real human and held-out synthetic clips.
     m1 = SpeechLM.from_run(stage1, device=device or None, dtype=dtype)
@@ -384,7 +411,8 @@ def main():
     plot_confusion(res, os.path.join(out, "confusion.png"))
     tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard)
     closed = ser_closed(m2, test)
-    head_other = head_accuracy(m2, emotion_items(m2, other_manifest)) if os.path.exists(other_manifest) else None
+    head_other = (accuracy(head_confusion(m2, emotion_items(m2, other_manifest)))
+                  if os.path.exists(other_manifest) else None)
     if head_other is not None:
         print(f"emotion head on another speech engine ({other_manifest}): {head_other:.1%}")
     print(f"closed-set SER (the likeliest of the five label words): stage 2 {closed:.1%}, stage 1 only {closed1:.1%}, "

@@ -38,7 +38,7 @@ out_dir = "runs/emotion"
 map = {}                        # fold a dataset's labels into the five, e.g. {"excited": "happy"}
 device = ""
 dtype = "auto"                  # bf16 where the device runs it fast, else fp32 (model.pick_dtype)
-padded = False
+padded = None                   # None: as the init_from run hears (a converted release: padded to 30 s)
 max_new_tokens = 48
 gen_batch_size = 32
 emotion_loss_weight = 1.0       # the paper: an unweighted sum; 0 trains on the continuation alone
@@ -46,10 +46,12 @@ paper_prompts = False           # True: the release's continuation prompts (data
 lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
-# CPU recipe: steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM,
-# so each step is cheap) before the joint loop: the head has seen 1,280 clips when the joint loop starts.
-# 0 = the paper's recipe exactly.
-head_warmup_steps = 40
+min_seconds = 0.0               # drop clips shorter than this (0: keep all; the release: 1.0)
+max_seconds = 0.0               # drop clips longer than this (0: cut to 30 s instead; the release: 30.0)
+max_text_tokens = 0             # drop examples whose text side is longer (0: keep all; the release: 256)
+# Steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM, so each step
+# is cheap) before the joint loop: the head has seen 1,280 clips when the joint loop starts.
+head_warmup_steps = 40          # CPU recipe: the release has no head warm-up (0)
 head_warmup_lr = 1e-3
 max_train = 0
 max_eval = 0
@@ -59,8 +61,9 @@ batch_size = 8
 grad_accum = 1
 max_steps = 150
 epochs = 1.0                    # passes over the items, when max_steps = 0
-lr = 5e-4
-min_lr = 5e-5
+lr = 5e-4                       # CPU recipe: 25x the release's 2e-5 (config/paper_stage2.py has the release's)
+min_lr = 5e-5                   # CPU recipe: cosine decay to this floor; the release decays linearly to 0
+schedule = "cosine"             # or "warmup_decay", the release's (trainer.lr_at)
 warmup_steps = 20
 weight_decay = 0.05
 grad_clip = 1.0
@@ -81,17 +84,19 @@ def prompt_for_target(item):
 
 def load_items(model, manifest, limit, run_dir):
     """Manifest rows -> items with their label, encoder features and the LLM's target."""
-    rows = read_manifest(manifest)[:limit or None]
+    rows = cache.drop_by_duration(read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     for n, r in enumerate(rows, 1):
         r["label"] = emotion_label(r["emotion"], map, f"{manifest}:{n}")
-    rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
+    rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
-        return dict(student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, emotion_student_parts(paper_prompts),
+        system, user = (m["content"] for m in prompt_for_target(row))   # what the LLM read to write the target
+        return dict(teacher=make_example(model.tok, system, [user], t["target"], t["truncated"]),
+                    student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, emotion_student_parts(paper_prompts),
                                          t["target"], t["truncated"]))
-    return cache.training_items(rows, targets, examples, n_bad, manifest)
+    return cache.training_items(rows, targets, examples, n_bad, manifest, max_text_tokens)
 
 
 def losses(model, batch):
@@ -139,6 +144,7 @@ def main():
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
+    config["padded"] = model.config["padded"] = model.config.get("padded", False) if padded is None else padded
     model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
@@ -156,7 +162,7 @@ def main():
     sums, n, last_eval = defaultdict(float), 0, {}
     model.train()
     while step < steps:
-        lr_now = lr_at(step, lr, min_lr, warmup_steps, steps)
+        lr_now = lr_at(step, lr, min_lr, warmup_steps, steps, schedule)
         for group in opt.param_groups:
             group["lr"] = lr_now
         for idx in micro_batches(step, len(items), batch_size, grad_accum, seed):

@@ -155,8 +155,19 @@ def micro_batches(step, n_items, batch_size, grad_accum, seed):
     return [batch[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(grad_accum)]
 
 
-def lr_at(step, lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps (nanoGPT's schedule)."""
+def lr_at(step, lr, min_lr, warmup_steps, max_steps, schedule="cosine"):
+    """The learning rate of optimizer step `step`. "cosine": linear warmup to lr, then cosine decay to min_lr at
+    max_steps (nanoGPT's schedule). "warmup_decay": the release's, DeepSpeed's WarmupDecayLR as its trainer fills
+    it in: from 0 along log(step + 1) / log(warmup_steps) (DeepSpeed's default warmup type, which the release
+    keeps), then linear to 0 at max_steps; min_lr is not used. (DeepSpeed applies the value of step k to the
+    update after it, and runs the first update at lr itself: a one-step shift that is not copied.)"""
+    if schedule == "warmup_decay":
+        warmup = max(2, warmup_steps)   # as DeepSpeed: log(1) would divide by zero
+        if step < warmup:
+            return lr * math.log(step + 1) / math.log(warmup)
+        return lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+    if schedule != "cosine":
+        raise ValueError(f"schedule {schedule!r}: use 'cosine' or 'warmup_decay'")
     if step < warmup_steps:
         return lr * (step + 1) / (warmup_steps + 1)
     ratio = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))

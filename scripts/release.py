@@ -17,6 +17,10 @@ target ("c_attn,c_proj,w1,w2": so attn.c_proj and mlp.c_proj both), with lora_sc
 lora mask is 1, i.e. the speech embeddings of the prompt; text and generated tokens see the base Qwen. That is
 our partial LoRA, so the LoRA stays unmerged: merging would change every text position too.
 
+The run's config.json says "padded": true, so every path that encodes audio for it (chat.py, evaluate.py, the
+feature cache) hears a clip as the release does: padded to 30 s, the encoder attending over the padding, its
+output cut after ceil(n / 160) mel frames, as the release's feature extractor's attention mask counts them.
+
 Two differences from the release worth knowing (the conversion does not change numbers, these are run-time):
 - The release's Conv1dSubsampler convolves the whole batch with no mask between its convs: a clip shorter than
   the longest in its batch has its last frames mixed, through the kernel, with the encoder's output on its
@@ -112,6 +116,10 @@ def read_config(src):
            "adapter": {"d_enc": dims["d_model"], "d_llm": dims["hidden_size"],
                        "inner_dim": int(c["adapter_inner_dim"]), "kernel_size": kernels[0], "n_convs": len(kernels)},
            "lora": lora, "num_emotions": N_EMOTIONS, "stage": "release",
+           # how it was trained to hear: its WhisperFeatureExtractor pads every clip to 30 s (padding="max_length",
+           # the extractor's default) and its encoder attends over the padding; every path that encodes for this
+           # run reads this (SpeechLM.encode_audio, cache.with_features)
+           "padded": True,
            # provenance, for a reader: not read back by any code
            "release": {"source": os.path.basename(os.path.abspath(src)),
                        "lora_scope": c["lora_scope"] if lora else None,

@@ -317,6 +317,10 @@ def test_encode_audio_real_frames_and_padded(tok):
     padded = lm.encode_audio(clips, padded=True)
     assert [f.shape for f in padded] == [(25, 16), (61, 16)]
     assert (padded[0] - feats[0]).abs().max() > 1e-4                    # the two modes really differ
+    lm.config["padded"] = True    # a run trained on padded audio (a converted release) is heard so by default
+    assert all(torch.equal(a, b) for a, b in zip(lm.encode_audio(clips), padded))
+    odd = torch.randn(19201) * 0.1    # 120 mel frames + 1 sample: the release's mask counts 121, so 61 frames, not 60
+    assert lm.encode_audio([odd])[0].shape[0] == 61 and lm.encode_audio([odd], padded=False)[0].shape[0] == 60
     emb, lengths = lm.speech_embeds(feats)
     assert emb.shape == (2, 8, 32) and lengths.tolist() == [4, 8]
 

@@ -1,5 +1,9 @@
 # cache.py: what the training stages keep from the frozen networks: encoder features (a tiny random encoder)
-# and the targets' clean-up (loops cut, refusals and empty targets dropped and counted), on hand-written records.
+# and the targets' clean-up (loops cut, refusals, empty targets and, as the release does, examples over a text
+# length and clips out of a duration range dropped and counted), on hand-written records.
+import os
+from types import SimpleNamespace
+
 import soundfile as sf
 import torch
 
@@ -48,3 +52,45 @@ def test_training_items_cut_loops_and_count_what_they_drop(capsys):
     assert [it["target"] for it in items] == ["A. B.", "Fine."]
     out = capsys.readouterr().out
     assert "2 items (1 targets cut" in out and "'unreadable audio': 1, 'refusal': 1, 'empty target': 1" in out
+
+
+def test_training_items_drop_examples_over_max_text_tokens(capsys):
+    # the release drops an example whose text side (prompt + transcript + target) is over max_length tokens:
+    # here the teacher example has 3 + len(target) ids; with max 5 the 3-word target (6 ids) goes, 2 words stay
+    rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(3)]
+    targets = {f"k{i}": dict(target=t, truncated=False, refusal=False) for i, t in enumerate(["a b", "a b c", "a"])}
+    make = lambda row, t: dict(teacher=([0, 0, 0] + t["target"].split(), None))   # noqa: E731
+    items = cache.training_items(rows, targets, make, 0, "m.jsonl", max_text_tokens=5)
+    assert [it["target"] for it in items] == ["a b", "a"]
+    assert "'over 5 text tokens': 1" in capsys.readouterr().out
+    assert len(cache.training_items(rows, targets, make, 0, "m.jsonl")) == 3   # 0: no limit
+
+
+def test_drop_by_duration_reads_the_header_and_counts(tmp_path, capsys):
+    rows = []
+    for name, seconds in (("a", 0.99), ("b", 1.0), ("c", 2.5), ("d", 30.5)):
+        sf.write(str(tmp_path / f"{name}.wav"), 0.1 * torch.randn(int(seconds * SAMPLE_RATE)).numpy(), SAMPLE_RATE)
+        rows.append({"audio": str(tmp_path / f"{name}.wav")})
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    rows += [{"audio": str(tmp_path / "bad.wav")}, {"audio": str(tmp_path / "missing.wav")}]
+    kept = cache.drop_by_duration(rows, 1.0, 30.0, "m.jsonl")
+    # 1.0 s is not under 1 s (the release drops duration < min); unreadable files are left to with_features
+    assert [os.path.basename(r["audio"]) for r in kept] == ["b.wav", "c.wav", "bad.wav", "missing.wav"]
+    assert "m.jsonl: 4 of 6 clips kept; dropped 1 under 1.0 s, 1 over 30.0 s" in capsys.readouterr().out
+    assert cache.drop_by_duration(rows, 0.0, 0.0, "m.jsonl") is rows   # no bounds: nothing read
+
+
+def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
+    # the run's config says padded (a converted release) or not; unset means real frames; an explicit value wins.
+    # The mode is part of the cache key, so features of one mode are never read back for the other
+    seen = []
+    monkeypatch.setattr(cache, "encode_clips", lambda enc, paths, cache_dir, enc_id, padded, device:
+                        seen.append((enc_id, padded)) or [torch.zeros(1, 2)] * len(paths))
+    weight = SimpleNamespace(weight=torch.zeros(1))
+    model = SimpleNamespace(encoder=None, decoder=SimpleNamespace(embed_tokens=weight), config={})
+    for config_padded, explicit in ((None, None), (True, None), (False, None), (True, False)):
+        model.config = {"whisper": str(tmp_path), **({} if config_padded is None else {"padded": config_padded})}
+        kept, n_bad = cache.with_features(model, [{"audio": "x.wav"}], explicit)
+        assert n_bad == 0 and kept[0]["feats"].shape == (1, 2)
+    assert [p for _, p in seen] == [False, True, False, False]
+    assert seen[0][0] == seen[2][0] != seen[1][0] == cache.encoder_id(str(tmp_path), True)

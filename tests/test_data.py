@@ -54,6 +54,17 @@ def test_log_mel_matches_whisper_feature_extractor(hf_fe, n_mels):
     assert lengths.tolist() == [3000, len(short) // 160]
 
 
+@pytest.mark.parametrize("n", [160, 161, 319, 48077, 51280, 479999, 480000, 500000])
+def test_padded_frames_are_counted_as_the_feature_extractors_mask(hf_fe, n):
+    # padded mode keeps the frames the release keeps: its attention mask (one per sample, read every 160th)
+    # summed, ceil(n / 160) up to 3000; real-frames mode has n // 160, one fewer when 160 does not divide n
+    x = chirp_noise(n / 16000, 4)[:n]
+    mask = hf_fe[80](x, sampling_rate=16000, padding="max_length", return_attention_mask=True,
+                     return_tensors="np")["attention_mask"]
+    assert log_mel_batch([torch.from_numpy(x)])[1].tolist() == [int(mask.sum())]
+    assert log_mel_batch([torch.from_numpy(x)], pad_to_30s=False)[1].tolist() == [min(n, 480000) // 160]
+
+
 @pytest.mark.parametrize("n", [400, 1000, 48077, 160000, 479500, 479600, 479601, 480000, 500000])
 def test_log_mel_padded_at_every_length(hf_fe, n):
     # short clips skip the FFT of their all-silent frames: the same values as the reference's full

@@ -96,8 +96,20 @@ def test_ser_eval_counts_scripted_replies(model, monkeypatch):
     assert res["confusion"] == want and res["columns"] == cols
     assert res["n"] == 7 and res["acc"] == pytest.approx(5 / 7) and res["unknown"] == 1
     assert res["recall"] == pytest.approx({"neutral": 1.0, "happy": 0.5, "angry": 1.0, "sad": 0.0, "surprise": 1.0})
+    assert res["uar"] == pytest.approx(3.5 / 5)
     assert [r["reply"] for r in res["replies"]] == scripted
     assert [r["emotion"] for r in res["replies"]] == [EMOTIONS[it["label"]] for it in its]
+
+
+def test_accuracy_and_uar_on_planted_answers():
+    # 8 neutral clips and 2 happy ones, every one answered "neutral": accuracy 80%, but UAR 50% (neutral 1, happy 0)
+    conf = [[0] * 6 for _ in EMOTIONS]
+    conf[0][0], conf[1][0] = 8, 2
+    assert ev.accuracy(conf) == pytest.approx(0.8) and ev.uar(conf) == pytest.approx(0.5)
+    # a class with no clips does not count (CREMA-D has no surprise); "unknown" answers (last column) are misses
+    conf = [[3, 1, 0, 0, 0, 0], [0, 2, 0, 0, 0, 2], [0] * 6, [1, 0, 0, 3, 0, 0], [0] * 6]
+    assert ev.accuracy(conf) == pytest.approx(8 / 12) and ev.uar(conf) == pytest.approx((3 / 4 + 2 / 4 + 3 / 4) / 3)
+    assert ev.accuracy([[0] * 6 for _ in EMOTIONS]) == 0.0 and ev.uar([[0] * 6 for _ in EMOTIONS]) == 0.0
 
 
 def test_text_oracle_tells_the_label_and_counts(model, monkeypatch):

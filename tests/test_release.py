@@ -170,6 +170,7 @@ def test_layout_no_pickle_and_config(converted):
     assert cfg["lora"] == {"r": R, "alpha": ALPHA, "dropout": 0.05,
                            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     assert cfg["num_emotions"] == 5
+    assert cfg["padded"] is True   # the release hears every clip padded to 30 s
     llm = json.load(open(os.path.join(out, "llm", "config.json")))
     assert llm["model_type"] == "qwen2" and llm["intermediate_size"] == INTER // 2 and llm["torch_dtype"] == "float32"
     from safetensors.torch import load_file
@@ -381,6 +382,68 @@ def test_converted_run_matches_the_reference(converted):
     # the test is not vacuous: the LoRA moves the logits from the speech on, and only from there
     assert (logits - plain)[0, s:].abs().max() > 1e-2
     assert (logits - plain)[0, :s].abs().max() == 0
+
+
+def test_converted_run_hears_a_clip_as_the_release_does(tmp_path):
+    """End to end from the waveform, a 3.2 s clip: our converted run (padded, as its config says) against the
+    release's own path assembled from transformers: WhisperFeatureExtractor(padding="max_length") features and
+    attention mask, transformers' WhisperEncoder over the 30 s window, its output cut at the mask's length
+    ((sum - 1) // 2 + 1, as the release's encoder cuts it), the release's subsampler, the emotion head, and the
+    Qwen2 reference with the LoRA at the speech positions. The clip has 51,280 samples, not a multiple of 160:
+    the mask counts 321 mel frames where n // 160 would give 320, and one adapter frame more (21, not 20)."""
+    import numpy as np
+    from transformers import WhisperConfig, WhisperFeatureExtractor
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
+    import data
+    import tiny
+    from adapter import SpeechLM, partial_lora
+    wc = WhisperConfig(num_mel_bins=80, d_model=D_ENC, encoder_layers=ENC_LAYERS, encoder_attention_heads=2,
+                       encoder_ffn_dim=32, max_source_positions=1500, decoder_layers=1, decoder_attention_heads=2,
+                       decoder_ffn_dim=32, max_target_positions=16).to_dict()   # the real 30 s window: 3000 frames
+    sd = make_release(str(tmp_path / "src"), cfg=release_config(whisper_config=wc))
+    lm = SpeechLM.from_run(release.convert(str(tmp_path / "src"), str(tmp_path / "run"), log=lambda *a: None),
+                           device="cpu", dtype="fp32")
+    clip = tiny.chirp(51280 / 16000, seed=5)
+    assert clip.shape == (51280,)
+
+    fe = WhisperFeatureExtractor(feature_size=80)
+    inputs = fe(clip, sampling_rate=16000, padding="max_length", return_attention_mask=True, return_tensors="pt")
+    hf = HFWhisperEncoder(WhisperConfig(**wc)).eval()
+    hf.load_state_dict({k[len("whisper_model."):]: v for k, v in sd.items() if k.startswith("whisper_model.")})
+    ad = Subsampler(D_ENC, INNER, D).eval()
+    ad.load_state_dict({k[len("adapter."):]: v for k, v in sd.items() if k.startswith("adapter.")})
+    with torch.no_grad():
+        assert inputs.attention_mask.sum().item() == 321
+        n_enc = int(hf._get_feat_extract_output_lengths(inputs.attention_mask.sum(-1)))
+        sp_ref = ad(hf(inputs.input_features).last_hidden_state[:, :n_enc])
+        emo_ref = sp_ref.mean(1) @ sd["hidden2emotion.weight"].T
+
+        feats = lm.encode_audio([torch.from_numpy(clip)])   # no mode given: the run's own
+        sp, sp_len = lm.speech_embeds(feats)
+        emo = lm.emotion_logits(sp, sp_len)
+        real = lm.encode_audio([torch.from_numpy(clip)], padded=False)
+    assert feats[0].shape[0] == n_enc == 161 and sp.shape == sp_ref.shape == (1, 21, D)
+    assert real[0].shape[0] == 160   # real-frames mode counts n // 160: another length, other features
+
+    row = lm.tok.encode_chat([{"role": "system", "content": "the"},
+                              {"role": "user", "content": ["in the", data.SPEECH]}])
+    s = row.index(data.SPEECH)
+    wte = sd["qwen_model.model.transformer.wte.weight"]
+    emb_ref = torch.cat([wte[row[:s]], sp_ref[0], wte[row[s + 1:]]])[None]
+    ref, mask = _qwen2_reference(sd)
+    mask["m"] = torch.zeros(1, emb_ref.shape[1])
+    mask["m"][0, s:s + sp_ref.shape[1]] = 1
+    with torch.no_grad():
+        batch = lm.splice([row], [sp[0]])
+        with partial_lora(lm.decoder, batch["speech_mask"]):
+            logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
+        want = ref(inputs_embeds=emb_ref).logits
+    diffs = {"speech embeddings": (sp - sp_ref).abs().max().item(),
+             "emotion logits": (emo - emo_ref).abs().max().item(), "LLM logits": (logits - want).abs().max().item()}
+    print("ours vs the release's path, max |diff|: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    # fp32 throughout; the log-mels differ by rounding only (numpy's FFT against torch's): measured 4e-6 at most
+    assert max(diffs.values()) < 2e-5, diffs
+    assert want.abs().max() > 1 and np.isfinite(logits.numpy()).all()
 
 
 def test_release_without_lora_keeps_bf16(tmp_path):

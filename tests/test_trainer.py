@@ -251,6 +251,78 @@ def test_schedule_and_batch_order():
     assert trainer.plan(20, 8, 2, 0, 2.0) == 4   # two epochs of 2 full batches
 
 
+def test_release_schedule_is_deepspeeds_warmup_decay():
+    # DeepSpeed's WarmupDecayLR as the release's trainer fills it in (warmup_min_lr 0, warmup_max_lr = lr, the
+    # default log warmup), 1000 warmup steps of 2500: 0 at step 0, lr from the end of the warmup, 0 at the end
+    lrs = [trainer.lr_at(s, 1e-4, 123.0, 1000, 2500, "warmup_decay") for s in range(2501)]
+    assert lrs[0] == 0.0 and lrs[999] == pytest.approx(1e-4) and lrs[1000] == pytest.approx(1e-4)
+    assert lrs[9] == pytest.approx(1e-4 / 3) and lrs[99] == pytest.approx(2e-4 / 3)   # log10(step + 1) / 3
+    assert lrs[1750] == pytest.approx(5e-5) and lrs[2500] == 0.0                       # min_lr plays no part
+    steps = [a - b for a, b in zip(lrs[1000:], lrs[1001:])]
+    assert steps == pytest.approx([1e-4 / 1500] * 1500)                                 # linear, to 0
+    assert all(a < b for a, b in zip(lrs[:999], lrs[1:1000]))
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        trainer.lr_at(0, 1e-4, 0.0, 10, 100, "linear")
+
+
+PRESETS = [("train_semantic.py", "config/paper_stage1.py"), ("train_emotion.py", "config/paper_stage2.py")]
+
+
+@pytest.mark.parametrize("script,preset", PRESETS)
+def test_paper_presets_set_known_keys_to_the_releases_values(script, preset):
+    src = (REPO / script).read_text()
+    defaults = {}
+    exec(src[src.index("# ---- settings"):src.index("config = configure(")], defaults)   # the script's settings
+    ns = {}
+    exec((REPO / preset).read_text(), ns)
+    preset_keys = {k for k in ns if not k.startswith("_")}
+    config = configure(defaults, [str(REPO / preset)])   # ConfigError on a key the script does not have
+    assert preset_keys <= config.keys()
+    release = dict(padded=True, max_new_tokens=48, weight_decay=0.05, grad_clip=1.0, schedule="warmup_decay",
+                   min_seconds=1.0, max_seconds=30.0, max_text_tokens=256, max_steps=0, dtype="bf16", seed=1)
+    if script == "train_semantic.py":   # adapter only, KL at T = 2; 8 per GPU x 24 accumulation x 4 GPUs
+        release.update(lr=1e-4, warmup_steps=1000, batch_size=768, grad_accum=24, epochs=1.0, kl_temperature=2.0)
+    else:   # adapter + partial LoRA + head, CE + emotion loss summed, no head warm-up; 4 x 8 x 4 GPUs
+        release.update(lr=2e-5, warmup_steps=200, batch_size=128, grad_accum=8, epochs=3.0, head_warmup_steps=0,
+                       emotion_loss_weight=1.0, paper_prompts=True, lora_r=16, lora_alpha=16, lora_dropout=0.05)
+    assert {k: config[k] for k in release} == release
+    assert config["batch_size"] % (config["grad_accum"] * 4) == 0   # fits the release's 4 GPUs
+    # its schedule over a run the size of the release's stage 1 (1.9 M pairs / 768 = 2473 steps): up to lr by
+    # the end of the warmup, then linearly down to 0
+    lr = [trainer.lr_at(s, config["lr"], config["min_lr"], config["warmup_steps"], 2473, config["schedule"])
+          for s in (0, config["warmup_steps"] - 1, 2473)]
+    assert lr == pytest.approx([0.0, config["lr"], 0.0])
+
+
+def test_paper_presets_run_on_tiny_shapes(speech):
+    """Both presets, as a GPU user runs them, with only the sizes overridden for tiny models: the filters drop
+    what they should, the schedule is the release's, the runs record how they hear. Not a measurement."""
+    tiny_sizes = ["--batch_size=4", "--grad_accum=1", "--warmup_steps=2", "--log_interval=1", "--eval_interval=0",
+                  "--ckpt_interval=0", "--max_new_tokens=8", "--dtype=fp32", "--device=cpu"]
+    s1, s2 = speech["root"] / "paper1", speech["root"] / "paper2"
+    p = run(speech, "train_semantic.py", str(REPO / "config/paper_stage1.py"), f"--whisper={speech['whisper']}",
+            f"--llm={speech['llm']}", f"--train_manifest={speech['train']}", f"--eval_manifest={speech['test']}",
+            f"--out_dir={s1}", "--epochs=3.0", *tiny_sizes)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # the clips last 0.6 to 1.2 s (k % 7 tenths over 0.6): under 1 s are dropped, 8 of the 20, 3 of the 6 kept
+    assert f"{speech['train']}: 8 of 20 clips kept; dropped 12 under 1.0 s, 0 over 30.0 s" in p.stdout
+    assert f"{speech['test']}: 3 of 6 clips kept; dropped 3 under 1.0 s" in p.stdout
+    assert "'over 256 text tokens': 0" in p.stdout and "6 steps of 4 items (3.00 epochs)" in p.stdout
+    want = [trainer.lr_at(s, 1e-4, 0.0, 2, 6, "warmup_decay") for s in range(6)]
+    assert want == pytest.approx([0.0, 1e-4, 1e-4, 7.5e-5, 5e-5, 2.5e-5])
+    assert [r["lr"] for r in log_rows(s1)] == pytest.approx(want)
+    cfg = json.loads((s1 / "config.json").read_text())
+    assert cfg["padded"] is True and cfg["schedule"] == "warmup_decay" and cfg["stage"] == "semantic"
+    p = run(speech, "train_emotion.py", str(REPO / "config/paper_stage2.py"), f"--init_from={s1}",
+            f"--train_manifest={speech['train']}", f"--eval_manifest={speech['test']}", f"--out_dir={s2}", *tiny_sizes)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "emotion head warm-up" not in p.stderr and "8 of 20 clips kept" in p.stdout
+    assert [r["lr"] for r in log_rows(s2)] == pytest.approx([x / 5 for x in want])   # lr 2e-5
+    cfg = json.loads((s2 / "config.json").read_text())
+    assert cfg["padded"] is True and cfg["paper_prompts"] is True and cfg["lora"]["r"] == 16
+    assert set(load_file(str(s2 / "model.safetensors"))) >= {"emotion_head.weight", "adapter.fc1.weight"}
+
+
 def test_weight_decay_skips_biases_and_gains():
     w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
     opt = trainer.adamw([w, b], lr=0.1, weight_decay=0.5)
