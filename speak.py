@@ -8,10 +8,10 @@ the emotion the head heard. The same driver speaks the training clips (scripts/s
 import ctypes
 import functools
 import os
-import wave
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
+import soundfile as sf
 
 ESPEAK_RATE = 22050  # what espeak-ng speaks; speak() writes it as it comes, 16-bit mono
 VOICE = "en-us+f3"
@@ -35,8 +35,6 @@ PROSODY = {
 # utterance is spoken by a forked child, which starts from that same untouched state.
 
 class Espeak:
-    RATE, VOLUME, PITCH, RANGE, WORDGAP = 1, 2, 3, 4, 7  # espeak_PARAMETER
-
     def __init__(self):
         import espeakng_loader  # a pip dependency: the shared library and its voice data, no system package
         c = ctypes
@@ -62,8 +60,7 @@ class Espeak:
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             return None
         self.lib.espeak_ng_SetRandSeed(seed)  # Initialize seeds it from the clock
-        for p, v in ((self.RATE, rate), (self.VOLUME, volume), (self.PITCH, pitch), (self.RANGE, range),
-                     (self.WORDGAP, gap)):
+        for p, v in zip((1, 2, 3, 4, 7), (rate, volume, pitch, range, gap)):  # espeak_PARAMETER: RATE ... WORDGAP
             self.lib.espeak_SetParameter(p, int(round(v)), 0)
         self.chunks, b = [], text.encode("utf-8")
         # position type 1 (POS_CHARACTER); flags 0x11: UTF-8 text with SSML tags
@@ -107,9 +104,5 @@ def speak(text, emotion, path):
     """Speak `text` with PROSODY[emotion] -> `path`, a 16-bit mono wav at ESPEAK_RATE."""
     p = PROSODY[emotion]
     pcm = engine().say(f"<speak>{xml_escape(text)}</speak>", VOICE, p["rate"], p["volume"], p["pitch"], p["range"])
-    with wave.open(path, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(ESPEAK_RATE)
-        f.writeframes(pcm.astype("<i2").tobytes())
+    sf.write(path, pcm, ESPEAK_RATE, subtype="PCM_16", format="WAV")
     return path
