@@ -156,9 +156,9 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
     seen, spoken_href = wait_for_new_reply(page, None)
 
     # what the page sent is the held-out clip as the fake microphone captured it
-    sent = page.locator("#conversation [data-testid=user]").count(), page.locator("#conversation a.download-link")
-    assert sent[0] == 1
-    heard = data.load_audio(fetch(page, sent[1].first.get_attribute("href"), server["tmp"] / "heard.wav")).numpy()
+    assert page.locator("#conversation [data-testid=user]").count() == 1
+    sent = page.locator("#conversation a.download-link").first.get_attribute("href")
+    heard = data.load_audio(fetch(page, sent, server["tmp"] / "heard.wav")).numpy()
     clip = held_out[1]
     n = 1 << int(np.ceil(np.log2(len(heard) + len(clip))))
     xc = np.fft.irfft(np.fft.rfft(heard, n) * np.conj(np.fft.rfft(clip, n)), n)   # best alignment of clip in heard
