@@ -66,9 +66,10 @@ def held_out(tmp_path_factory):
 def run_dir(real, tmp_path_factory):  # noqa: F811
     d = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    m = SpeechLM.build(real["whisper", "bf16"], real["llm", "bf16"], device="cpu", dtype="fp32")
+    # the folders prepare.py writes by default: SmolLM2 in float32 ("default"), whisper-base in its file's float16
+    m = SpeechLM.build(real["whisper", "bf16"], real["llm", "default"], device="cpu", dtype="fp32")
     m.start_stage2(lora=dict(r=4, alpha=8, dropout=0.0), num_emotions=len(EMOTIONS))
-    m.save_run(str(d), {"whisper": real["whisper", "bf16"], "llm": real["llm", "bf16"], "stage": "emotion"})
+    m.save_run(str(d), {"whisper": real["whisper", "bf16"], "llm": real["llm", "default"], "stage": "emotion"})
     return str(d)
 
 
@@ -128,22 +129,24 @@ def fetch(page, href, path):
     return path
 
 
-def wait_for_new_reply(page, old_href):
-    """Polls the conversation until the spoken reply changes; -> every distinct text the last bot message
-    showed on the way (the stream), and the new spoken reply's address."""
-    seen, deadline = [], time.time() + 120
-    while time.time() < deadline:
-        bots = page.locator("#conversation [data-testid=bot]")
-        if bots.count():
-            t = bots.last.inner_text()
-            if t.strip() and (not seen or t != seen[-1]):
-                seen.append(t)
-        link = page.locator("#spoken a.download-link")
-        if link.count() and link.get_attribute("href") != old_href:
-            seen.append(page.locator("#conversation [data-testid=bot]").last.inner_text())
-            return seen, link.get_attribute("href")
-        time.sleep(0.1)
-    raise AssertionError(f"no spoken reply within 120 s; page status: {page.evaluate(STATUS)!r}")
+STATUS = "() => (document.querySelector('#status .prose') || {innerText: ''}).innerText.trim()"   # the message only
+# Records every text the last reply in the conversation takes, as the page renders it (a poll would miss some).
+WATCH = """() => { window.seen = []; if (window.watch) window.watch.disconnect();
+    window.watch = new MutationObserver(() => {
+        const bots = document.querySelectorAll('#conversation [data-testid=bot]');
+        const t = bots.length ? bots[bots.length - 1].innerText : '';
+        if (t.trim() && t !== window.seen[window.seen.length - 1]) window.seen.push(t); });
+    window.watch.observe(document.querySelector('#conversation'), {subtree: true, childList: true, characterData: true}); }"""
+
+
+def send_and_wait_for_reply(page, old_href):
+    """Sends, waits until the spoken reply changes; -> every text the last reply showed on the way (the stream,
+    the finished reply last) and the new spoken reply's address."""
+    page.evaluate(WATCH)
+    page.click("#send")
+    page.wait_for_function("""old => { const a = document.querySelector('#spoken a.download-link');
+        return a && a.href !== old; }""", arg=old_href, timeout=120000)
+    return page.evaluate("window.seen"), page.get_attribute("#spoken a.download-link", "href")
 
 
 @torch.inference_mode()
@@ -152,8 +155,7 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
     page.wait_for_timeout(int(1000 * (len(held_out[1]) / data.SAMPLE_RATE + 0.7)))   # the clip, and a little more
     page.click("#voice button.stop-button")
     page.wait_for_selector("#voice a.download-link", state="attached", timeout=30000)   # the recording is uploaded
-    page.click("#send")
-    seen, spoken_href = wait_for_new_reply(page, None)
+    seen, spoken_href = send_and_wait_for_reply(page, None)
 
     # what the page sent is the held-out clip as the fake microphone captured it
     assert page.locator("#conversation [data-testid=user]").count() == 1
@@ -179,13 +181,13 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
     top = EMOTIONS[int(probs.argmax())]
     assert max(shown, key=shown.get) == top == page.inner_text("#emotion [data-testid=label-output-value]").strip()
 
-    # the reply: this run's own, streamed (more than two growing texts before the last), in the page
+    # the reply: this run's own, streamed (shown growing at least four times before the last), in the page
     system, user = chat.prompts(model)
     history = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     reply = chat.reply(model, ARGS, history, feats, stream=False)[0]
     print(f"reply: {reply!r}; {len(seen)} texts shown on the way")
     assert reply and same_text(seen[-1], reply), (seen[-1], reply)
-    assert len(seen) >= 3 and all(" ".join(reply.split()).startswith(" ".join(s.split())) for s in seen), seen
+    assert len(seen) >= 5 and all(" ".join(reply.split()).startswith(" ".join(s.split())) for s in seen), seen
 
     # the spoken reply: playable in the page, and exactly the reply spoken as the head's reading calls for
     wav = fetch(page, spoken_href, server["tmp"] / "spoken.wav")
@@ -205,8 +207,7 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
 @torch.inference_mode()
 def test_typed_follow_up_is_answered_with_the_history(page, model, server, turns):
     page.fill("#message textarea", "Thank you. What should I do now?")
-    page.click("#send")
-    seen, spoken_href = wait_for_new_reply(page, turns["spoken"])
+    seen, spoken_href = send_and_wait_for_reply(page, turns["spoken"])
     history = turns["history"] + [{"role": "user", "content": "Thank you. What should I do now?"}]
     reply = chat.reply(model, ARGS, history, turns["feats"], stream=False)[0]
     alone = chat.reply(model, ARGS, [history[0], history[-1]], [], stream=False)[0]
@@ -221,9 +222,6 @@ def test_typed_follow_up_is_answered_with_the_history(page, model, server, turns
 def upload(page, path):
     page.click("#voice button[aria-label='Upload file']")
     page.set_input_files("#voice input[type=file]", str(path))
-
-
-STATUS = "() => (document.querySelector('#status .prose') || {innerText: ''}).innerText.trim()"   # the message only
 
 
 def status_after_send(page, before):
@@ -264,7 +262,7 @@ def test_bad_input_gets_a_message_in_the_page(page, server, held_out):
     page.wait_for_selector("#voice a.download-link", state="attached")
     msg = status_after_send(page, msg)
     assert msg == "The clip is 31.0 s long: only its first 30 s were heard.", msg
-    wait_for_new_reply(page, None)   # and it is answered
+    page.wait_for_selector("#spoken a.download-link", state="attached", timeout=120000)   # and it is answered
     assert page.locator("#conversation [data-testid=bot]").count() == 1
 
     server["log"].seek(0)
