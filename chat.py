@@ -4,6 +4,7 @@
     python chat.py a.wav b.flac --ser                # several clips, batched; --ser adds the emotion head's guess
     python chat.py                                   # multi-turn: type text, or /audio path.wav (or a bare path)
     python chat.py clip.wav --ckpt runs/blsp-emo-release --emotion --dtype bf16
+    python chat.py clip.wav --speak reply.wav        # the reply spoken too, in a voice fitting the tone heard
 
 Clips longer than Whisper's 30 s window are cut to their first 30 s (said on stderr). Bad input gets
 one line on stderr and exit code 2.
@@ -46,8 +47,9 @@ class Streamer:
     """Prints one row's tokens as they come; decodes the whole reply each time so multi-byte characters
     split across tokens print only once complete."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, show=None):
         self.tok, self.ids, self.text, self.shown, self.t_first = tok, [], "", "", None
+        self.show = show or (lambda piece: print(piece, end="", flush=True))   # demo.py shows it in the page
 
     def __call__(self, ids):
         t = int(ids[0])
@@ -58,13 +60,13 @@ class Streamer:
         self.ids.append(t)
         self.text = self.tok.decode(self.ids)
         if not self.text.endswith("\ufffd"):
-            print(self.text[len(self.shown):], end="", flush=True)
+            self.show(self.text[len(self.shown):])
             self.shown = self.text
 
 
-def reply(model, args, history, feats, stream=True):
+def reply(model, args, history, feats, stream=True, show=None):
     gen = torch.Generator(device=model.decoder.embed_tokens.weight.device).manual_seed(args.seed)
-    streamer = Streamer(model.tok) if stream else None
+    streamer = Streamer(model.tok, show) if stream else None
     t0 = time.time()
     new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, on_token=streamer, generator=gen)
@@ -77,11 +79,28 @@ def reply(model, args, history, feats, stream=True):
     return [t.strip() for t in texts]
 
 
-def ser_line(model, feats):
+def emotion_probs(model, feats):
+    """The emotion head's probabilities, (B, 5) in EMOTIONS' order."""
     emb, lengths = model.speech_embeds(feats)
-    probs = model.emotion_logits(emb, lengths).float().softmax(-1)
+    return model.emotion_logits(emb, lengths).float().softmax(-1)
+
+
+def ser_line(model, feats):
     return ["emotion head: " + ", ".join(f"{e} {p:.0%}" for e, p in sorted(zip(EMOTIONS, row.tolist()), key=lambda x: -x[1]))
-            for row in probs]
+            for row in emotion_probs(model, feats)]
+
+
+def say(model, args, text, feats, n=None):
+    """--speak: the reply spoken with the prosody (speak.PROSODY) fitting the emotion the head heard in feats;
+    neutral where nothing was heard (a typed turn, a run without a head). n: the reply's number."""
+    if not args.speak:
+        return
+    import speak   # imported late: chat without --speak never loads espeak-ng
+    heard = EMOTIONS[int(emotion_probs(model, feats)[0].argmax())] if feats and model.emotion_head is not None else "neutral"
+    root, ext = os.path.splitext(args.speak)
+    path = args.speak if n is None else f"{root}-{n}{ext}"
+    print(f"[spoken as a {heard} voice calls for: {path}]", file=sys.stderr)
+    speak.speak(text, heard, path)
 
 
 def budget_trim(model, history, feats, max_new_tokens):
@@ -101,8 +120,8 @@ def budget_trim(model, history, feats, max_new_tokens):
             del history[first]
 
 
-def interactive(model, args, system, instruction):
-    history, feats = [{"role": "system", "content": system}], []
+def interactive(model, args, system, user):
+    history, feats, turn = [{"role": "system", "content": system}], [], 0
     print("type a message, or /audio PATH (a bare path to a clip works too); /reset clears, /quit ends", file=sys.stderr)
     for line in sys.stdin:
         line = line.strip()
@@ -121,7 +140,7 @@ def interactive(model, args, system, instruction):
                 print(f"error: {e}", file=sys.stderr)
                 continue
             feats.append(model.encode_audio([clip])[0])
-            history.append({"role": "user", "content": [instruction, SPEECH] if instruction else [SPEECH]})
+            history.append({"role": "user", "content": user})
             if args.ser:
                 print(ser_line(model, feats[-1:])[0])
         else:
@@ -131,6 +150,17 @@ def interactive(model, args, system, instruction):
         answer = reply(model, args, history, feats)[0]
         print()
         history.append({"role": "assistant", "content": answer})
+        turn += 1
+        say(model, args, answer, feats[-1:] if path is not None else [], turn)
+
+
+def prompts(model, system=None, emotion=False, instruction=None):
+    """-> (system prompt, a speech turn's content) as the run was trained to hear them, unless overridden."""
+    stage = model.config.get("stage", "emotion")
+    system = system or (EMOTION_SYSTEM_PROMPT if emotion or stage in ("emotion", "release") else SYSTEM_PROMPT)
+    trained = CONTINUE_HEARD_EMOTION if model.config.get("paper_prompts") else INSTRUCTIONS.get(stage, "")
+    instruction = instruction if instruction is not None else trained
+    return system, [instruction, SPEECH] if instruction else [SPEECH]
 
 
 def weights_gb(run_dir, whisper=None, llm=None):
@@ -164,10 +194,15 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 where this machine runs it fast, else fp32)")
     p.add_argument("--verbose", action="store_true", help="time to first token and tokens/s")
+    p.add_argument("--speak", default=None, metavar="PATH", help="write the reply spoken, in a voice fitting the emotion "
+                   "heard (speak.PROSODY), to PATH (16-bit mono wav); several replies (several clips, or each turn of "
+                   "the chat) to PATH numbered: reply-1.wav, reply-2.wav, ...")
     args = p.parse_args(argv)
     from adapter import SpeechLM   # imported late: --help answers at once
     try:
         clips = [read_clip(f) for f in args.files]   # check the input before spending seconds on loading
+        if args.speak and not os.path.isdir(os.path.dirname(os.path.abspath(args.speak))):
+            raise InputError(f"--speak={args.speak}: no such folder")
         gb = weights_gb(args.ckpt, args.whisper, args.llm)
         if gb and (gb > 2 or args.verbose):   # the release (Qwen-7B + whisper-large) needs ~17 GB in bf16
             print(f"loading {gb:.1f} GB of weights from {args.ckpt} (as stored; fp32 doubles a bf16 checkpoint)",
@@ -182,25 +217,23 @@ def main(argv=None):
     if args.ser and model.emotion_head is None:
         print(f"error: {args.ckpt} has no emotion head (a stage-1 run): drop --ser", file=sys.stderr)
         return 2
-    stage = model.config.get("stage", "emotion")
-    system = args.system or (EMOTION_SYSTEM_PROMPT if args.emotion or stage in ("emotion", "release") else SYSTEM_PROMPT)
-    trained = CONTINUE_HEARD_EMOTION if model.config.get("paper_prompts") else INSTRUCTIONS.get(stage, "")
-    instruction = args.instruction if args.instruction is not None else trained
+    system, user = prompts(model, args.system, args.emotion, args.instruction)
     if not clips:
-        interactive(model, args, system, instruction)
+        interactive(model, args, system, user)
         return 0
     feats = model.encode_audio(clips)
-    user = [instruction, SPEECH] if instruction else [SPEECH]
     convs = [[{"role": "system", "content": system}, {"role": "user", "content": user}] for _ in clips]
     sers = ser_line(model, feats) if args.ser else [None] * len(clips)
     if len(clips) == 1:
         if sers[0]:
             print(sers[0])
-        reply(model, args, convs[0], feats)
+        answer = reply(model, args, convs[0], feats)[0]
         print()
+        say(model, args, answer, feats)
         return 0
-    for f, text, s in zip(args.files, reply(model, args, convs, feats, stream=False), sers):
+    for i, (f, text, s) in enumerate(zip(args.files, reply(model, args, convs, feats, stream=False), sers)):
         print(f"== {f}" + (f"\n{s}" if s else "") + f"\n{text}\n")
+        say(model, args, text, feats[i:i + 1], i + 1)
     return 0
 
 

@@ -1,6 +1,6 @@
 """
 Emotional speech made offline. espeak-ng (the library and voices ship in the espeakng-loader wheel,
-driven here through ctypes) speaks emotionally neutral sentences with five prosody recipes, so the
+driven through ctypes by speak.py) speaks emotionally neutral sentences with five prosody recipes, so the
 words never carry the emotion: only pitch, range, rate, loudness, pauses, intonation and voice quality do.
 
     python scripts/synth.py --out=speech                         # the demo sets, sized for 2 CPU cores
@@ -21,7 +21,6 @@ both test voices. Same seed -> same bytes; clips already written are skipped. em
 emotions is tempo, pitch, range and loudness, not how espeak happens to sound.
 """
 import ast
-import ctypes
 import functools
 import io
 import json
@@ -39,8 +38,10 @@ from xml.sax.saxutils import escape as xml_escape
 import numpy as np
 import soundfile as sf
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: speak.py
+from speak import ESPEAK_RATE, engine  # noqa: E402  the one espeak-ng driver, shared with chat.py's spoken replies
+
 SAMPLE_RATE = 16000  # what Whisper hears
-ESPEAK_RATE = 22050  # what espeak-ng speaks
 SENTENCES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sentences.txt")
 TEST_EVERY = 7  # every 7th line of sentences.txt is a test sentence (63 of 442)
 
@@ -110,94 +111,10 @@ def load_sentences(path=SENTENCES_FILE):
             [p for p in pairs if p[0] % TEST_EVERY == TEST_EVERY - 1])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# espeak-ng through ctypes. The library keeps state from one utterance to the next (glottal phase, filter
-# memories, its random generator), so the same call gives other samples the second time. For the same bytes
-# from the same seed, the process loads and initializes the library once and never speaks itself: every
-# utterance is spoken by a forked child, which starts from that same untouched state.
-
-class Espeak:
-    AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8, SSML = 2, 1, 1, 0x10
-    RATE, VOLUME, PITCH, RANGE, WORDGAP = 1, 2, 3, 4, 7  # espeak_PARAMETER
-
-    def __init__(self):
-        import espeakng_loader  # a pip dependency: the shared library and its voice data, no system package
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        sr = lib.espeak_Initialize(self.AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
-        if sr != ESPEAK_RATE:
-            raise RuntimeError(f"espeak_Initialize returned {sr}, expected a sample rate of {ESPEAK_RATE}")
-        self.chunks = []
-
-        def on_audio(wav, n, events):  # called synchronously from inside espeak_Synth
-            if n > 0:
-                self.chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-            return 0
-        self.callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                         ctypes.c_void_p)(on_audio)  # kept on self: ctypes must not free it
-        lib.espeak_SetSynthCallback(self.callback)
-        self.lib = lib
-
-    def _speak(self, text, voice, rate, volume, pitch, range, gap, seed):
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            return None
-        self.lib.espeak_ng_SetRandSeed(seed)  # Initialize seeds it from the clock
-        for p, v in ((self.RATE, rate), (self.VOLUME, volume), (self.PITCH, pitch), (self.RANGE, range),
-                     (self.WORDGAP, gap)):
-            self.lib.espeak_SetParameter(p, int(round(v)), 0)
-        self.chunks = []
-        b = text.encode("utf-8")
-        if self.lib.espeak_Synth(b, len(b) + 1, 0, self.POS_CHARACTER, 0, self.CHARS_UTF8 | self.SSML,
-                                     None, None) != 0:
-            return None
-        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
-
-    def say(self, ssml, voice, rate, volume, pitch, range, gap=0, seed=0):
-        """SSML text -> int16 samples at 22050 Hz."""
-        args = (ssml, voice, rate, volume, pitch, range, gap, seed)
-        if not hasattr(os, "fork"):  # Windows: same sound, but not the same bytes from run to run
-            pcm = self._speak(*args)
-        else:
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: speak, send the samples, exit without running any Python cleanup
-                try:
-                    os.close(r)
-                    pcm = self._speak(*args)
-                    data = b"" if pcm is None else b"\x01" + pcm.tobytes()
-                    while data:
-                        data = data[os.write(w, data):]
-                finally:
-                    os._exit(0)
-            os.close(w)
-            with os.fdopen(r, "rb") as f:
-                data = f.read()
-            os.waitpid(pid, 0)
-            pcm = np.frombuffer(data[1:], np.int16) if data else None
-        if pcm is None:
-            raise ValueError(f"espeak-ng could not speak {ssml!r} with voice {voice!r} (no such voice?)")
-        return pcm
-
-
-_engine = None
-
-
-def engine():
-    global _engine
-    if _engine is None:
-        _engine = Espeak()
-    return _engine
-
-
 @functools.lru_cache(maxsize=64)
 def _sinc_kernel(orig, new, width=6, rolloff=0.99):
     # torchaudio.functional.resample's Hann-windowed sinc (same numbers to float precision), in numpy so the
-    # speech maker's processes stay free of torch: every utterance is spoken by a forked child (Espeak), and
+    # speech maker's processes stay free of torch: every utterance is spoken by a forked child (speak.Espeak), and
     # forking a process that holds torch is many times slower
     g = math.gcd(orig, new)
     o, n = orig // g, new // g

@@ -548,24 +548,27 @@ def wer(ref, hyp):
     return d[len(h)] / max(len(r), 1)
 
 
+def transcribe(real, clips):
+    """16 kHz clips -> what whisper-base writes for each. The CTranslate2 runtime decodes with the very file
+    prepare.py converted (our code has the encoder only), fed our log-mel; greedy, English."""
+    import ctranslate2
+    byte_of = convert.byte_decoder()   # GPT-2's byte <-> printable-character table, which Whisper's vocabulary uses
+    runtime = ctranslate2.models.Whisper(str(real["ct2"]), device="cpu", compute_type="float32")
+    mels = torch.stack([data.log_mel(torch.as_tensor(c), 80) for c in clips])
+    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    results = runtime.generate(ctranslate2.StorageView.from_array(mels.numpy()), [prompt] * len(clips), beam_size=1)
+    return [bytes(byte_of[ch] for tok in r.sequences[0] for ch in tok).decode("utf-8", "replace") for r in results]
+
+
 @pytest.mark.slow
 def test_real_whisper_transcribes_neutral_synth_clips(real):
-    """The speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched.
-    The CTranslate2 runtime decodes with the very file prepare.py converted (our code has the encoder only),
-    fed our log-mel; the voices are the two test voices, the sentences are test sentences."""
-    import ctranslate2
-    import data
+    """The speech maker's neutral clips are intelligible to the Whisper that prepare.py fetched; the voices
+    are the two test voices, the sentences are test sentences."""
     import synth
-    byte_of = convert.byte_decoder()   # GPT-2's byte <-> printable-character table, which Whisper's vocabulary uses
     plan = synth.make_plan(n_asr_test=12)["asr_test"]
-    runtime = ctranslate2.models.Whisper(str(real["ct2"]), device="cpu", compute_type="float32")
-    mels = torch.stack([data.log_mel(torch.from_numpy(synth.synthesize(c["text"], c["voice"], "neutral")), 80)
-                        for c in plan])
-    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
-    results = runtime.generate(ctranslate2.StorageView.from_array(mels.numpy()), [prompt] * len(plan), beam_size=1)
+    hyps = transcribe(real, [synth.synthesize(c["text"], c["voice"], "neutral") for c in plan])
     errors, words = 0.0, 0
-    for c, res in zip(plan, results):
-        hyp = bytes(byte_of[ch] for tok in res.sequences[0] for ch in tok).decode("utf-8", "replace")
+    for c, hyp in zip(plan, hyps):
         n = len(c["text"].split())
         errors, words = errors + wer(c["text"], hyp) * n, words + n
         print(f"{c['voice']}: {c['text']!r} -> {hyp.strip()!r}")
