@@ -37,13 +37,22 @@ def bf16_is_fast(t_fp32, t_bf16):
 
 
 def _matmul_time(dtype, device, seconds=0.1):
+    """The fastest of repeated calls of one LLM projection of a training batch (SmolLM2's MLP shape), on one
+    thread: a minimum on one core says what the instruction set does, whatever else the machine is running
+    (a mean over threads that wait for each other at every barrier says mostly that)."""
     x, w = torch.randn(256, 576, device=device, dtype=dtype), torch.randn(1536, 576, device=device, dtype=dtype)
-    F.linear(x, w)   # warm-up: the first call picks and builds the kernel
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        F.linear(x, w)   # one LLM projection of a training batch (SmolLM2's MLP shape)
-        n += 1
-    return (time.perf_counter() - t0) / n
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        F.linear(x, w)   # warm-up: the first call picks and builds the kernel
+        best, end = float("inf"), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return best
 
 
 def pick_dtype(name, device):
