@@ -1,9 +1,12 @@
 # quantize.py: int8 weight-only linear layers. The int8 matmul is its dequantized float matmul up to the bf16
 # rounding of the activations; a quantized decoder decodes like the float one on a tiny model; the partial
-# LoRA's delta is untouched; the weights in memory follow the formula
+# LoRA's delta is untouched; chat.py and evaluate.py take --quantize; the weights in memory follow the formula
 # on the authors' layout (a tiny random release converted by release.py).
 import copy
 import gc
+import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from quantize import Int8Linear, Int8LoRALinear, quantize_decoder, to_int8
 from tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,41 @@ def test_partial_lora_stays_float_on_an_int8_base(models):
         lora = dec(tokens)
     plain = dec(tokens)
     assert (lora - plain)[0, :3].abs().max() == 0 and (lora - plain)[0, 3:].abs().max() > 1e-2
+
+
+def _chat(models, *args):
+    return subprocess.Popen([sys.executable, str(REPO / "chat.py"), f"--ckpt={models['run']}", "--max_new_tokens=8",
+                             *args, models["clip"]], cwd=models["root"], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_chat_quantize_int8_end_to_end_and_a_bad_value(models, monkeypatch, capsys):
+    good, bad = _chat(models, "--quantize=int8", "--ser"), _chat(models, "--quantize=int4")   # side by side
+    out, err = good.communicate(timeout=120)
+    assert good.returncode == 0, err
+    head, reply = out.split("\n", 1)
+    assert head.startswith("emotion head: ") and reply.strip() and "Traceback" not in err
+    out, err = bad.communicate(timeout=120)
+    assert bad.returncode == 2 and out == "" and "Traceback" not in err
+    assert "--quantize: invalid choice: 'int4'" in err and "int8" in err, err
+    # the same command in this process: the LLM that answered is the int8 one
+    import chat
+    import quantize
+    seen = []
+    monkeypatch.setattr(quantize, "quantize_decoder", lambda dec, mode: seen.append(quantize_decoder(dec, mode)))
+    assert chat.main([f"--ckpt={models['run']}", "--max_new_tokens=8", "--quantize=int8", models["clip"]]) == 0
+    assert capsys.readouterr().out.strip() == reply.strip()
+    assert all(type(m) in (Int8Linear, Int8LoRALinear) for m in seen[0].modules() if isinstance(m, nn.Linear))
+
+
+def test_evaluate_loads_int8_when_asked(models, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(evaluate, "quantize", "int8")
+    lm = evaluate.load(models["run"])
+    assert type(lm.decoder.layers[0].mlp.up_proj) is Int8LoRALinear and type(lm.decoder.lm_head) is Int8Linear
+    monkeypatch.setattr(evaluate, "quantize", "int4")
+    with pytest.raises(ValueError, match="int8"):
+        evaluate.load(models["run"])
 
 
 def weight_bytes(module):
