@@ -30,7 +30,8 @@ class Int8Linear(nn.Linear):
             y = torch.ops.aten._weight_int8pack_mm(a, self.weight, self.scales).to(x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
         else:
-            # torch's CUDA kernel for this op is a plain fp32 loop: dequantize and matmul, as gpt-fast does
+            # other devices dequantize and matmul, as gpt-fast does (torch's CUDA kernel for this op is a plain
+            # fp32 loop, one thread per output); not yet run on a GPU
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -44,8 +45,9 @@ class Int8LoRALinear(LoRALinear, Int8Linear):
 def to_int8(linear):
     """In place: the float weight -> int8 and its scales, the module -> the int8 form of its class."""
     w = linear.weight.float()
-    # max |w| of a row maps to 127: no weight is clipped. The scale is rounded to bf16 (what the kernel
-    # takes) before the weights are divided by it, so q * s is the nearest int8 grid to w for that scale.
+    # Symmetric: max |w| of a row maps to 127, so nothing is clipped (the clamp only catches the rounding of
+    # the scale). The scale is rounded to bf16, the kernel's dtype, before w is divided by it: q * s is then
+    # the nearest point of the grid the kernel really multiplies by.
     scales = (w.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(torch.bfloat16)
     q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
     del linear.weight                       # this module's reference only: a tied embedding keeps its table
