@@ -88,7 +88,7 @@ class LoRALinear(nn.Linear):
         self.mask = self.rows = None  # set by partial_lora for the forwards inside it
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = super().forward(x)   # the base: nn.Linear's float matmul, or quantize.Int8Linear's int8 one
         if self.mask is None:
             return y
         if self.mask.shape != x.shape[:-1]:

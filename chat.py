@@ -193,6 +193,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (auto: bf16 where this machine runs it fast, else fp32)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: the LLM's linear layers in int8 weight-only (quantize.py): faster CPU decode, less memory")
     p.add_argument("--verbose", action="store_true", help="time to first token and tokens/s")
     p.add_argument("--speak", default=None, metavar="PATH", help="write the reply spoken, in a voice fitting the emotion "
                    "heard (speak.PROSODY), to PATH (16-bit mono wav); several replies (several clips, or each turn of "
@@ -208,6 +210,9 @@ def main(argv=None):
             print(f"loading {gb:.1f} GB of weights from {args.ckpt} (as stored; fp32 doubles a bf16 checkpoint)",
                   file=sys.stderr)
         model = SpeechLM.from_run(args.ckpt, device=args.device, dtype=args.dtype, whisper=args.whisper, llm=args.llm)
+        if args.quantize:
+            from quantize import quantize_decoder
+            quantize_decoder(model.decoder, args.quantize)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -325,6 +325,7 @@ ser_manifest = ""               # a SER test set (scripts/ser_corpora.py): only 
 map = {}                        # fold a dataset's labels into the five (as train_emotion.py --map)
 device = ""
 dtype = "auto"                  # bf16 where the device runs it fast, else fp32
+quantize = ""                   # "int8": the LLM's linear layers in int8 weight-only (quantize.py), faster CPU decode
 n_stage1_examples = 6
 content_clips = 30              # content retrieval: the first clips of asr_manifest ...
 content_distractors = 9         # ... each against this many other clips' targets (chance 1 / 10)
@@ -348,14 +349,22 @@ def content_items(model, manifest, n, run_dir):
     return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 
 
-def main():
+def load(run_dir):
     from adapter import SpeechLM
+    model = SpeechLM.from_run(run_dir, device=device or None, dtype=dtype)
+    if quantize:
+        from quantize import quantize_decoder
+        quantize_decoder(model.decoder, quantize)
+    return model
+
+
+def main():
     from configurator import configure
     config = configure(globals(), sys.argv[1:])
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
     if ser_manifest:
-        model = SpeechLM.from_run(stage2, device=device or None, dtype=dtype)
+        model = load(stage2)
         res = ser_eval(model, emotion_items(model, ser_manifest))
         print_ser(res, f"{ser_manifest}, {stage2}")
         path = os.path.join(out, f"ser_{os.path.splitext(os.path.basename(ser_manifest))[0]}.json")
@@ -365,7 +374,7 @@ def main():
         return
     report = {}
     # Stage 1: the reply to the speech beside the reply to its transcript, real human and held-out synthetic clips.
-    m1 = SpeechLM.from_run(stage1, device=device or None, dtype=dtype)
+    m1 = load(stage1)
     s1 = json.load(open(os.path.join(stage1, "summary.json")))
     report.update(kl_start=s1.get("kl_start"), kl_end=s1.get("kl_end"))
     side_by_side = []
@@ -404,7 +413,7 @@ def main():
     heard = CONTINUE_HEARD_EMOTION if paper else ""
     tone1 = tone_table(m1, base_items, EMOTION_SYSTEM_PROMPT, heard)[0] if vader else []
     del m1
-    m2 = SpeechLM.from_run(stage2, device=device or None, dtype=dtype)
+    m2 = load(stage2)
     test = emotion_items(m2, emo_manifest)
     res = ser_eval(m2, test)
     print_ser(res, "stage 2")

@@ -5,6 +5,7 @@ Measured speed of our modules against what a user would otherwise run (Hugging F
     .venv/bin/python scripts/bench.py --quick          # tiny sizes, seconds (what tests/test_bench.py runs)
     .venv/bin/python scripts/bench.py --threads=1      # on a shared, oversubscribed CPU (see the warning it prints)
     .venv/bin/python scripts/bench.py --only=decode_small --profile   # one section, with torch.profiler tables
+    .venv/bin/python scripts/bench.py --only=int8      # int8 weight-only decode (quantize.py): speed and quality
     .venv/bin/python scripts/bench.py --device=cuda    # where there is one
 
 A tool, not product code: it imports transformers (a test extra, requirements-test.txt) as the
@@ -16,6 +17,7 @@ claim, and by minimum, which on a busy CPU is the closer estimate of the unconte
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,14 +38,14 @@ FULL = dict(enc=dict(num_mel_bins=80, d_model=512, encoder_layers=6, encoder_att
             lm=dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True),
             prompt_len=64, new_tokens=128, copy_mb=512, batch=8, d_enc=512,
-            # A/B rounds, and seconds after which a section stops adding rounds: under 10 minutes on 2 cores
-            reps=dict(log_mel=41, encoder=5, decode=3, decode_small=3, train=3),
-            budget_s=dict(log_mel=20, encoder=60, decode=150, decode_small=60, train=60))
+            # A/B rounds, and seconds after which a section stops adding rounds: under 15 minutes on 2 cores
+            reps=dict(log_mel=41, encoder=5, decode=3, decode_small=3, train=3, int8=3),
+            budget_s=dict(log_mel=20, encoder=60, decode=150, decode_small=60, train=60, int8=150))
 TINY = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
 TINY_LM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)
 QUICK = dict(FULL, enc=TINY, dec=TINY_LM, lm=TINY_LM, prompt_len=8, new_tokens=16, copy_mb=32, batch=2, d_enc=64,
-             reps=dict(log_mel=3, encoder=2, decode=2, decode_small=2, train=2), budget_s={})
+             reps=dict(log_mel=3, encoder=2, decode=2, decode_small=2, train=2, int8=2), budget_s={})
 MEL_SECONDS, ENC_SECONDS = 10.0, 5.0
 
 
@@ -217,31 +219,38 @@ class _Clock(list):
 
 
 def weight_bytes_per_token(dec):
-    """Bytes of weights a one-token step reads: every parameter once, except the embedding table,
-    which a lookup touches one row of -- unless it is tied to the LM head, which reads all of it."""
+    """Bytes of weights a one-token step reads: every parameter and buffer (int8 weights and their scales
+    are buffers) once, except the embedding table, which a lookup touches one row of -- unless it is tied
+    to the LM head, which reads all of it."""
     tied = dec.lm_head.weight is dec.embed_tokens.weight
-    return sum(p.numel() * p.element_size() for name, p in dec.named_parameters()   # ties counted once
-               if tied or not name.startswith("embed_tokens"))
+    return sum(p.numel() * p.element_size() for name, p in [*dec.named_parameters(), *dec.named_buffers()]
+               if tied or not name.startswith("embed_tokens"))   # named_parameters counts a tie once
 
 
 @torch.no_grad()
 def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False, dtype=torch.float32,
-                 compile_=False):
+                 compile_=False, int8=False):
+    """Greedy decode, ours against transformers' generate; int8=True adds a third side: our decoder on the
+    same weights with its linear layers in int8 (quantize.py)."""
     from model import Decoder
     kw, model_type = (cfg["lm"], "llama") if small else (cfg["dec"], "qwen2")
     P, N = cfg["prompt_len"], cfg["new_tokens"]
     with tempfile.TemporaryDirectory() as folder:
         ref_lm = hf_causal_lm(kw, model_type, folder, device, dtype)
         ours = Decoder.from_pretrained(folder, dtype=dtype, device=device).eval()
+        sides = {"ours": ours}
+        if int8:
+            from quantize import quantize_decoder
+            sides["int8"] = quantize_decoder(Decoder.from_pretrained(folder, dtype=dtype, device=device).eval())
     if compile_:   # off by default: on a short CPU run, compiling costs more time than its faster steps save
         ours.forward = torch.compile(ours.forward, dynamic=True)
     prompt = torch.randint(0, kw["vocab_size"], (1, P), generator=torch.Generator().manual_seed(1)).to(device)
-    rates, out = {"ours": [], "ref": []}, {}
+    rates, out = {"ref": [], **{k: [] for k in sides}}, {}
 
-    def run_ours(n=N):
+    def run_ours(name, n=N):
         c = _Clock()
-        out["ours"] = ours.generate(prompt, max_new_tokens=n, stop_ids=[], on_token=c.put)[0]
-        rates["ours"].append(c.rate(skip_first=False))
+        out[name] = sides[name].generate(prompt, max_new_tokens=n, stop_ids=[], on_token=c.put)[0]
+        rates[name].append(c.rate(skip_first=False))
 
     def run_ref(n=N):
         c = _Clock()
@@ -249,9 +258,12 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
                                      do_sample=False, eos_token_id=None, pad_token_id=0, streamer=c)[0, P:].tolist()
         rates["ref"].append(c.rate(skip_first=True))
 
-    run_ref(min(16, N)), run_ours(min(16, N))   # warm-up: a short generate touches every weight and kernel
-    rates = {"ours": [], "ref": []}
-    tm = ab({"ref": run_ref, "ours": run_ours}, reps, device, warmup=0, budget_s=budget_s)
+    run_ref(min(16, N))   # warm-up: a short generate touches every weight and kernel
+    for name in sides:
+        run_ours(name, min(16, N))
+    rates = {k: [] for k in rates}
+    fns = {"ref": run_ref, **{k: (lambda k=k: run_ours(k)) for k in sides}}
+    tm = ab(fns, reps, device, warmup=0, budget_s=budget_s)
     wbytes, rate = weight_bytes_per_token(ours), memcpy_rate(device, cfg["copy_mb"] << 20)
     step_ours, step_ref, bound = statistics.median(rates["ours"]), statistics.median(rates["ref"]), rate / wbytes
     res = dict(config=kw, model_type=model_type, dtype=str(dtype).replace("torch.", ""), compile=compile_,
@@ -262,9 +274,17 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
                first_diff=next((i for i, (a, b) in enumerate(zip(out["ours"], out["ref"])) if a != b), None),
                weight_bytes_per_token=wbytes, memcpy_gb_s=rate / 1e9, bound_tok_s=bound,
                fraction_of_bound_ours=step_ours / bound, fraction_of_bound_ref=step_ref / bound,
-               **timings(tm, dict(tok_s=("ref", "ours"))))
+               **timings(tm, dict(tok_s=("ref", "ours"), **(dict(tok_s_int8=("ref", "int8"),
+                                                                 int8_vs_ours=("ours", "int8")) if int8 else {}))))
+    if int8:   # ids are not compared: on random weights, agreement says nothing (int8_quality measures it)
+        step_int8, wbytes8 = statistics.median(rates["int8"]), weight_bytes_per_token(sides["int8"])
+        res.update(tok_s_int8=N / tm["int8"]["med"], step_tok_s_int8=step_int8, speedup_step_int8=step_int8 / step_ref,
+                   weight_bytes_per_token_int8=wbytes8, bound_tok_s_int8=rate / wbytes8,
+                   fraction_of_bound_int8=step_int8 * wbytes8 / rate)
     if do_profile:
-        res["profile_ours"] = profile(run_ours, "decode ours (generate)")
+        res["profile_ours"] = profile(lambda: run_ours("ours"), "decode ours (generate)")
+        if int8:
+            res["profile_int8"] = profile(lambda: run_ours("int8"), "decode ours int8 (generate)")
         res["profile_ref"] = profile(run_ref, "decode transformers (generate)")
     return res
 
@@ -324,6 +344,68 @@ def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf1
     return res
 
 
+# ----------------------------------------------------------------------------- 5. int8 weight-only decode
+SMOLLM2 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "smollm2-135m-instruct")
+
+
+@torch.no_grad()
+def int8_quality(cfg, device, new_tokens=32, chunk=512):
+    """What int8 costs against our fp32 on the same weights, with bf16 (what --dtype=auto picks on a CPU that
+    has it) beside it for scale: greedy ids from the stage-1 teacher prompt over the 63 held-out sentences,
+    and the perplexity of scripts/sentences.txt as one text, in chunks (the scales are computed from the
+    weights alone, so no text was seen by the quantization). On the prepared SmolLM2 in a full run: random
+    weights say nothing about quality, so --quick (or a missing checkpoint) runs the code on random ones and
+    says so."""
+    import data
+    import synth
+    from model import Decoder
+    from quantize import quantize_decoder
+    from tokenizer import Tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        real = cfg is not QUICK and os.path.isdir(SMOLLM2)
+        folder = SMOLLM2 if real else tmp
+        if not real:
+            hf_causal_lm(cfg["lm"], "llama", folder, "cpu", torch.float32)
+        decs = {name: Decoder.from_pretrained(folder, dtype=dtype, device=device).eval()
+                for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.float32))}
+    quantize_decoder(decs["int8"])
+    if real:
+        tok, (train, test) = Tokenizer.from_pretrained(folder), synth.load_sentences()
+        rows = [tok.encode_chat(data.continue_target_messages(s)) for _, s in test]
+        text, stop = tok.encode(" ".join(s for _, s in sorted(train + test))), tok.eos_ids
+    else:
+        g, V = torch.Generator().manual_seed(4), cfg["lm"]["vocab_size"]
+        rows = [torch.randint(0, V, (cfg["prompt_len"],), generator=g).tolist() for _ in range(4)]
+        text, stop = torch.randint(0, V, (4 * cfg["prompt_len"],), generator=g).tolist(), []
+    ids, _, valid = data.pad_batch(rows, 0, side="left")
+    text = torch.tensor([text], device=device)
+    res = dict(weights=SMOLLM2 if real else "random (SmolLM2 shape in a full run; quality not measured)",
+               prompts=len(rows), new_tokens=new_tokens, text_tokens=text.shape[1])
+    out = {}
+    for name, dec in decs.items():
+        out[name] = dec.generate(ids.to(device), valid=valid.to(device), max_new_tokens=new_tokens, stop_ids=stop)
+        nll = sum(torch.nn.functional.cross_entropy(dec(x[:, :-1])[0].float(), x[0, 1:], reduction="sum").item()
+                  for x in (text[:, i:i + chunk + 1] for i in range(0, text.shape[1] - 1, chunk)))
+        res[f"ppl_{name}"] = math.exp(nll / (text.shape[1] - 1))
+    for name in ("int8", "bf16"):
+        same = [a == b for a, b in zip(out["fp32"], out[name])]
+        res[f"ids_agree_{name}"] = sum(same)
+        res[f"first_diff_{name}"] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                                     if not s else None for a, b, s in zip(out["fp32"], out[name], same)]
+        res[f"ppl_ratio_{name}"] = res[f"ppl_{name}"] / res["ppl_fp32"]
+    res.update(ids_most_equal=res["ids_agree_int8"] > len(rows) / 2, ppl_rise_ok=res["ppl_ratio_int8"] <= 1.02,
+               reply_tokens_fp32=sum(map(len, out["fp32"])) / len(rows))
+    return res
+
+
+def bench_int8(cfg, reps, device, do_profile=False, budget_s=None):
+    """int8 weight-only decode (quantize.py): speed on random weights in the two LLM shapes, ours int8 and
+    fp32 beside transformers' fp32 generate, then its cost in quality (int8_quality)."""
+    kw = dict(reps=reps, device=device, do_profile=do_profile, budget_s=budget_s, int8=True)
+    return dict(qwen=bench_decode(cfg, small=False, **kw), smollm2=bench_decode(cfg, small=True, **kw),
+                **int8_quality(cfg, device))
+
+
 # ----------------------------------------------------------------------------- report
 # (name, section, result key, minimum): the speed claims. log-mel is held to 5x on the identical padded output and
 # on the real frames the pipeline computes (SpeechLM.encode_audio).
@@ -333,11 +415,22 @@ TARGETS = [("log-mel padded >= 5x transformers", "log_mel", "speedup_padded", 5.
            ("encoder real-frames >= 4x padded (5 s)", "encoder", "speedup_real_vs_padded", 4.0),
            ("decode >= 1.2x transformers tok/s", "decode", "speedup_tok_s", 1.2),
            ("decode ids identical", "decode", "ids_equal", True),
-           ("decode (small) ids identical", "decode_small", "ids_equal", True)]
+           ("decode (small) ids identical", "decode_small", "ids_equal", True),
+           ("int8 decode >= 2x transformers fp32 tok/s, Qwen2.5-0.5B shape", "int8", "qwen.speedup_tok_s_int8", 2.0),
+           ("int8 decode >= 2x transformers fp32 tok/s, SmolLM2-135M shape", "int8", "smollm2.speedup_tok_s_int8", 2.0),
+           ("int8 greedy replies (32 tokens) = fp32's on most prompts", "int8", "ids_most_equal", True),
+           ("int8 perplexity within 2% of fp32's", "int8", "ppl_rise_ok", True)]
+
+
+def _get(results, sec, key):
+    r = results[sec]
+    for k in key.split("."):   # "qwen.speedup_tok_s_int8": a field of a sub-result
+        r = r[k]
+    return r
 
 
 def check_targets(results):
-    return {name: dict(value=results[sec][key], target=want, passed=bool(results[sec][key] >= want))
+    return {name: dict(value=_get(results, sec, key), target=want, passed=bool(_get(results, sec, key) >= want))
             for name, sec, key, want in TARGETS if sec in results}
 
 
@@ -358,6 +451,14 @@ def table(results):
             r = results[sec]
             rows.append((f"decode {r['params'] / 1e6:.0f}M {r['dtype']}, generate tok/s", f"{r['tok_s_ours']:.2f}",
                          f"{r['tok_s_ref']:.2f}", r, "tok_s"))
+    if "int8" in results:
+        for shape, r in ((k, results["int8"][k]) for k in ("qwen", "smollm2")):
+            rows += [(f"decode {shape} {r['params'] / 1e6:.0f}M int8 vs transformers fp32, tok/s",
+                      f"{r['tok_s_int8']:.2f}", f"{r['tok_s_ref']:.2f}", r, "tok_s_int8"),
+                     (f"decode {shape} {r['params'] / 1e6:.0f}M int8 vs ours fp32, tok/s", f"{r['tok_s_int8']:.2f}",
+                      f"{r['tok_s_ours']:.2f}", r, "int8_vs_ours"),
+                     (f"decode {shape} {r['params'] / 1e6:.0f}M ours fp32 vs transformers fp32, tok/s",
+                      f"{r['tok_s_ours']:.2f}", f"{r['tok_s_ref']:.2f}", r, "tok_s")]
     if "train" in results:
         r = results["train"]
         rows.append(("stage-1 step samples/s" + (" (bf16 autocast)" if r["autocast_bf16"] else ""),
@@ -379,10 +480,23 @@ def table(results):
                          f"token / {r['memcpy_gb_s']:.1f} GB/s copy traffic = {r['bound_tok_s']:.1f} tok/s, of which "
                          f"ours reaches {100 * r['fraction_of_bound_ours']:.0f}%, transformers "
                          f"{100 * r['fraction_of_bound_ref']:.0f}%; ids equal: {r['ids_equal']}")
+    if "int8" in results:
+        q = results["int8"]
+        for shape in ("qwen", "smollm2"):
+            r = q[shape]
+            lines.append(f"int8 {shape}: one-token steps {r['step_tok_s_int8']:.2f} tok/s, {r['speedup_step_int8']:.2f}x "
+                         f"transformers fp32's; {r['weight_bytes_per_token_int8'] / 1e6:.0f} MB of weights per token "
+                         f"(fp32 {r['weight_bytes_per_token'] / 1e6:.0f} MB), bound {r['bound_tok_s_int8']:.1f} tok/s, "
+                         f"{100 * r['fraction_of_bound_int8']:.0f}% of it reached")
+        lines.append(f"int8 quality on {q['weights']}: greedy replies (up to {q['new_tokens']} tokens, "
+                     f"{q['reply_tokens_fp32']:.1f} on average) equal fp32's on {q['ids_agree_int8']}/{q['prompts']} "
+                     f"prompts (bf16: {q['ids_agree_bf16']}/{q['prompts']}); perplexity of {q['text_tokens']} tokens "
+                     f"{q['ppl_fp32']:.3f} fp32, {q['ppl_int8']:.3f} int8 (x{q['ppl_ratio_int8']:.4f}), "
+                     f"{q['ppl_bf16']:.3f} bf16 (x{q['ppl_ratio_bf16']:.4f})")
     return "\n".join(lines)
 
 
-SECTIONS = ("log_mel", "encoder", "decode", "train")
+SECTIONS = ("log_mel", "encoder", "decode", "train", "int8")
 EXTRA = ("decode_small",)   # on request (--only): SmolLM2-135M-shaped decode, the out-of-the-box LLM
 
 
@@ -410,6 +524,7 @@ def main(argv=None):
     results = dict(meta=dict(command="python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
                              torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
                              cpu=platform.processor() or platform.machine(), cpu_count=cores,
+                             cpu_capability=torch.backends.cpu.get_cpu_capability(),
                              load_avg_start=load, quick=args.quick))
     if device.type == "cpu" and load > cores:
         # measured: on an oversubscribed CPU every parallel op waits milliseconds for a descheduled OpenMP
@@ -428,6 +543,8 @@ def main(argv=None):
         elif sec in ("decode", "decode_small"):
             results[sec] = bench_decode(cfg, small=sec == "decode_small", dtype=parse_dtype(args.dtype),
                                         compile_=args.compile, **kw)
+        elif sec == "int8":
+            results[sec] = bench_int8(cfg, **kw)
         else:
             results[sec] = bench_train(cfg, autocast_bf16=args.bf16, **kw)
         results[sec]["bench_seconds"] = time.perf_counter() - t
@@ -438,8 +555,8 @@ def main(argv=None):
     for name, t in results["targets"].items():
         v = t["value"] if isinstance(t["value"], bool) else f"{t['value']:.2f}"
         print(f"{'PASS' if t['passed'] else 'MISS'}  {name}: {v}")
-    print(f"[bench] {m['total_seconds']:.0f} s, {m['threads']} threads, load average {load:.1f} -> "
-          f"{m['load_avg_end']:.1f}" + (f"; wrote {args.out}" if args.out else ""))
+    print(f"[bench] {m['total_seconds']:.0f} s, {m['threads']} threads, CPU capability {m['cpu_capability']}, "
+          f"load average {load:.1f} -> {m['load_avg_end']:.1f}" + (f"; wrote {args.out}" if args.out else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -61,6 +61,24 @@ def test_decode_section():
     assert r["weight_bytes_per_token"] == 4 * (V * d + L * per_layer + d)
 
 
+def test_int8_section():
+    r = bench.bench_int8(QUICK, reps=2, device=CPU)
+    for shape in ("qwen", "smollm2"):
+        _finite(r[shape], ["tok_s_int8", "speedup_tok_s_int8", "speedup_int8_vs_ours", "step_tok_s_int8",
+                           "weight_bytes_per_token_int8", "bound_tok_s_int8", "fraction_of_bound_int8"])
+    # a step reads each int8 weight as 1 byte and a 2-byte scale per output channel, biases and norms in fp32;
+    # the head has its own int8 copy, so the (float) embedding table is not read at all
+    d, V, ffn, L = QUICK["dec"]["hidden_size"], QUICK["dec"]["vocab_size"], QUICK["dec"]["intermediate_size"], 2
+    kv = d // QUICK["dec"]["num_attention_heads"] * QUICK["dec"]["num_key_value_heads"]
+    for shape, bias in (("qwen", d + 2 * kv), ("smollm2", 0)):        # qwen2 has q/k/v biases, llama none
+        weights, channels = d * (d + 2 * kv) + d * d + 3 * d * ffn, (d + 2 * kv) + d + 2 * ffn + d
+        per_layer = weights + 2 * channels + 4 * (bias + 2 * d)
+        assert r[shape]["weight_bytes_per_token_int8"] == L * per_layer + V * d + 2 * V + 4 * d, shape
+    # --quick measures random weights only to run the code: perplexities must be numbers, agreement is not asserted
+    assert "random" in r["weights"] and r["prompts"] == 4 and r["new_tokens"] == 32
+    _finite(r, ["ppl_fp32", "ppl_int8", "ppl_bf16", "ppl_ratio_int8", "ppl_ratio_bf16"])
+
+
 def test_train_section():
     r = bench.bench_train(QUICK, reps=2, device=CPU)
     _finite(r, ["samples_s_ours", "samples_s_ref", "speedup_step", "speedup_min_step", "first_loss_ours", "first_loss_ref"])
@@ -70,12 +88,13 @@ def test_train_section():
 
 def test_main_quick_writes_json_and_targets(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--only=log_mel,decode_small", f"--out={out}"])
+    bench.main(["--quick", "--only=log_mel,decode_small,int8", f"--out={out}"])
     saved = json.loads(out.read_text())
-    assert set(saved) >= {"meta", "log_mel", "decode_small", "targets"}
+    assert set(saved) >= {"meta", "log_mel", "decode_small", "int8", "targets"}
     assert saved["targets"]["decode (small) ids identical"]["passed"] is True
     assert saved["targets"]["log-mel values within 1e-4"]["passed"] is True
-    assert "log-mel padded >= 5x transformers" in saved["targets"]   # a ratio: reported, never asserted
+    for ratio in ("log-mel padded >= 5x transformers", "int8 decode >= 2x transformers fp32 tok/s, Qwen2.5-0.5B shape"):
+        assert ratio in saved["targets"]   # a ratio: reported, never asserted
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "bandwidth bound" in printed
 
