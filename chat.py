@@ -90,17 +90,23 @@ def ser_line(model, feats):
             for row in emotion_probs(model, feats)]
 
 
+def heard(probs):
+    """The emotion the head heard in a turn (its likeliest); neutral where nothing was heard (a typed turn, a
+    run without a head). It picks the spoken reply's prosody, here and in demo.py."""
+    return "neutral" if probs is None else EMOTIONS[int(probs.argmax())]
+
+
 def say(model, args, text, feats, n=None):
     """--speak: the reply spoken with the prosody (speak.PROSODY) fitting the emotion the head heard in feats;
     neutral where nothing was heard (a typed turn, a run without a head). n: the reply's number."""
     if not args.speak:
         return
     import speak   # imported late: chat without --speak never loads espeak-ng
-    heard = EMOTIONS[int(emotion_probs(model, feats)[0].argmax())] if feats and model.emotion_head is not None else "neutral"
+    emotion = heard(emotion_probs(model, feats)[0] if feats and model.emotion_head is not None else None)
     root, ext = os.path.splitext(args.speak)
     path = args.speak if n is None else f"{root}-{n}{ext}"
-    print(f"[spoken as a {heard} voice calls for: {path}]", file=sys.stderr)
-    speak.speak(text, heard, path)
+    print(f"[spoken as a {emotion} voice calls for: {path}]", file=sys.stderr)
+    speak.speak(text, emotion, path)
 
 
 def budget_trim(model, history, feats, max_new_tokens):

@@ -93,8 +93,7 @@ def build(model, args):
         for reply in stream_reply(model, args, history, feats):
             yield {chat_box: shown + [{"role": "assistant", "content": reply}]}
         history.append({"role": "assistant", "content": reply})
-        # the prosody fits the emotion heard in this turn (as chat.say): neutral for a typed turn or no head
-        heard = EMOTIONS[int(probs.argmax())] if probs is not None else "neutral"
+        heard = chat.heard(probs)   # the prosody fits the emotion heard in this turn
         wav = speak.speak(reply, heard, os.path.join(out_dir, f"reply-{next(n_replies)}.wav")) if reply else None
         yield {reply_audio: wav, state: session, status: note or f"Spoken as a {heard} voice calls for."}
 
