@@ -220,6 +220,11 @@ class SpeechLM(nn.Module):
         return self.decoder.embed_tokens.weight.dtype
 
     @property
+    def padded(self):
+        """How this run hears: padded to 30 s (the release's way, its config says so) or real frames only."""
+        return self.config.get("padded", False)
+
+    @property
     def has_lora(self):
         return any(isinstance(m, LoRALinear) for m in self.decoder.modules())
 
@@ -231,7 +236,7 @@ class SpeechLM(nn.Module):
         padded=False: only each clip's real mel frames, padding keys masked. padded=True: the release's way,
         every clip padded to 30 s with whisper attending over the padding, cut to the real length after.
         None: as the run was trained to hear (its config's "padded"; a converted release says True)."""
-        padded = self.config.get("padded", False) if padded is None else padded
+        padded = self.padded if padded is None else padded
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32).reshape(-1) for a in audios]
         for i, a in enumerate(clips):

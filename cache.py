@@ -96,7 +96,7 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped).
     padded None: as the model's run was trained to hear (SpeechLM.encode_audio)."""
-    padded = model.config.get("padded", False) if padded is None else padded
+    padded = model.padded if padded is None else padded
     feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded), padded=padded,
                          device=model.decoder.embed_tokens.weight.device)

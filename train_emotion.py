@@ -144,7 +144,7 @@ def main():
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
-    config["padded"] = model.config["padded"] = model.config.get("padded", False) if padded is None else padded
+    config["padded"] = model.config["padded"] = model.padded if padded is None else padded
     model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []

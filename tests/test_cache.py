@@ -86,8 +86,12 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(cache, "encode_clips", lambda enc, paths, cache_dir, enc_id, padded, device:
                         seen.append((enc_id, padded)) or [torch.zeros(1, 2)] * len(paths))
+    from adapter import SpeechLM
+
+    class Stub(SimpleNamespace):   # SpeechLM's own rule for how a run hears, without its networks
+        padded = SpeechLM.padded
     weight = SimpleNamespace(weight=torch.zeros(1))
-    model = SimpleNamespace(encoder=None, decoder=SimpleNamespace(embed_tokens=weight), config={})
+    model = Stub(encoder=None, decoder=SimpleNamespace(embed_tokens=weight), config={})
     for config_padded, explicit in ((None, None), (True, None), (False, None), (True, False)):
         model.config = {"whisper": str(tmp_path), **({} if config_padded is None else {"padded": config_padded})}
         kept, n_bad = cache.with_features(model, [{"audio": "x.wav"}], explicit)
