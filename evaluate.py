@@ -24,9 +24,13 @@ import torch
 
 import cache
 import data
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SER_QUESTION, SPEECH,
-                  SYSTEM_PROMPT, emotion_label, make_example, read_manifest)
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT,
+                  emotion_label, make_example, read_manifest)
 from trainer import peak_rss_gb
+
+# The authors' SER question.
+SER_QUESTION = ("Please identify the emotion tone of the speech provided below. Select from the following "
+                "options: neutral, sad, angry, happy, or surprise.\n\nSpeech: ")
 
 # Inflections a free-text reply uses for each label ("she sounds surprised", "anger", "happiness").
 _WORDS = {"neutral": r"neutral(?:ity)?", "happy": r"happ(?:y|ier|iness|ily)|joy(?:ful)?",
@@ -135,15 +139,12 @@ def ser_text_oracle(model, items, batch_size=16, max_new_tokens=24):
 def reply_logprobs(model, examples, feats=None, batch_size=16):
     """(summed log-probability, number of tokens) of each example's labelled tokens (make_example rows:
     the reply). With feats (one clip per example, for its one SPEECH slot) the model hears the speech
-    (speech_logits: partial LoRA, if any, at the speech positions); without, it reads text (text_logits)."""
+    (partial LoRA, if any, at the speech positions); without, it reads text."""
     out = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        if feats is None:
-            logits, targets = model.text_logits(chunk)
-        else:
-            s = model.speech_logits(chunk, feats[i:i + batch_size])
-            logits, targets = s["logits"], s["targets"]
+        s = model.response_logits(chunk, feats[i:i + batch_size] if feats is not None else ())
+        logits, targets = s["logits"], s["targets"]
         lp = logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
         # the logits come row by row, so each example's tokens are the next run of its reply's length
         counts = [sum(t != IGNORE for t in labels) for _, labels in chunk]
@@ -211,7 +212,7 @@ def untrained(model, seed=0):
     a = model.adapter
     with torch.random.fork_rng(devices=[]):      # seeded here, the caller's random state untouched
         torch.manual_seed(seed)
-        fresh = Adapter(**a.settings()).to(a.fc1.weight.device)
+        fresh = Adapter(**a.settings).to(a.fc1.weight.device)
     return SpeechLM(model.encoder, fresh, model.decoder, model.tok, config=model.config).eval()
 
 

@@ -100,7 +100,7 @@ def load_items(model, manifest, limit, run_dir):
 
 
 def losses(model, batch):
-    s = model.speech_logits([b["student"] for b in batch], [b["feats"] for b in batch])
+    s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
     ce = ce_loss(s["logits"], s["targets"])
     emo_logits = model.emotion_logits(s["embeds"], s["lengths"])
     labels = torch.tensor([b["label"] for b in batch], device=emo_logits.device)
@@ -145,13 +145,12 @@ def main():
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
     config["padded"] = model.config["padded"] = model.padded if padded is None else padded
-    model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
     trainable = model.trainable_parameters()   # adapter, emotion head, LoRA
     params = list(trainable.values())
     opt = adamw(params, lr, weight_decay)
-    ctx = bf16_autocast(dev, model.dtype == torch.bfloat16 if autocast is None else autocast)
+    ctx = bf16_autocast(dev, model.decoder.embed_tokens.weight.dtype == torch.bfloat16 if autocast is None else autocast)
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     if ckpt is None and head_warmup_steps:
         warm_up_head(model, items)   # a resumed run finds the warmed-up weights in its checkpoint

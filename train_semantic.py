@@ -85,9 +85,10 @@ def load_items(model, manifest, limit, run_dir):
 
 def losses(model, batch):
     """Teacher reads the transcript (no grad), student hears the speech; both scored on the target."""
-    t_logits, _ = model.text_logits([b["teacher"] for b in batch])
-    s = model.speech_logits([b["student"] for b in batch], [b["feats"] for b in batch])
-    kl = kl_loss(s["logits"], t_logits, T=kl_temperature)
+    with torch.no_grad():
+        teacher = model.response_logits([b["teacher"] for b in batch])
+    s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
+    kl = kl_loss(s["logits"], teacher["logits"], T=kl_temperature)
     return kl, {"kl": kl.item(), "ce": ce_loss(s["logits"], s["targets"]).item()}
 
 
@@ -106,13 +107,12 @@ def main():
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.build(whisper, llm, device=dev, dtype=dtype)
-    model.freeze_base()
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
     trainable = model.trainable_parameters()   # the adapter
     params = list(trainable.values())
     opt = adamw(params, lr, weight_decay)
-    ctx = bf16_autocast(dev, model.dtype == torch.bfloat16 if autocast is None else autocast)
+    ctx = bf16_autocast(dev, model.decoder.embed_tokens.weight.dtype == torch.bfloat16 if autocast is None else autocast)
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
     log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")

@@ -180,7 +180,7 @@ def bench_encoder(cfg, reps, device, do_profile=False, budget_s=None):
     with tempfile.TemporaryDirectory() as folder:
         ref_enc = hf_whisper_encoder(kw, folder, device)
         ours = WhisperEncoder.from_pretrained(folder, dtype=torch.float32, device=device).eval()
-    n_real = data.n_frames(int(ENC_SECONDS * data.SAMPLE_RATE))
+    n_real = int(ENC_SECONDS * data.SAMPLE_RATE) // data.HOP_LENGTH
     mel = torch.full((1, kw["num_mel_bins"], data.N_FRAMES), -0.5)   # whisper's silence level after (x+4)/4
     mel[..., :n_real] = torch.randn(1, kw["num_mel_bins"], n_real, generator=torch.Generator().manual_seed(0)) / 2
     mel = mel.to(device)

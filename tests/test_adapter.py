@@ -15,10 +15,10 @@ import adapter
 import convert
 import data
 from tokenizer import Tokenizer
-from adapter import (IGNORE, Adapter, EmotionHead, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss, partial_lora,
-                     kl_loss, lora_settings, masked_mean, response_positions)
+from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss, kl_loss, partial_lora
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
 
+IGNORE = data.IGNORE
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 INSTRUCTION = "Continue the following sentence in a coherent style: "
 
@@ -114,34 +114,14 @@ def test_kl_loss():
     assert loss.item() == pytest.approx(kl_loss(s3.reshape(6, 7), t3.reshape(6, 7)).item())
     loss.backward()
     assert s3.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(RuntimeError, match="must match"):   # the response positions must line up
         kl_loss(torch.zeros(3, 5), torch.zeros(4, 5))
 
 
-def test_ce_loss_and_response_positions():
+def test_ce_loss():
     V = 11
-    labels = torch.tensor([[IGNORE, IGNORE, 4, 5, IGNORE], [IGNORE, 7, 8, 9, 10]])
-    at, targets = response_positions(labels)
-    assert at.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
-    assert targets.tolist() == [4, 5, 7, 8, 9, 10]
+    targets = torch.tensor([4, 5, 7, 8, 9, 10])
     assert ce_loss(torch.zeros(6, V), targets).item() == pytest.approx(math.log(V))   # uniform -> log V
-    # position t predicts label t + 1: the same as cross-entropy over all shifted positions, IGNORE left out
-    logits = torch.randn(2, 5, V)
-    shifted = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    assert ce_loss(logits[at], targets).item() == pytest.approx(shifted.item(), rel=1e-6)
-
-
-def test_emotion_head_pools_real_frames_only():
-    torch.manual_seed(3)
-    x = torch.randn(3, 6, 8)
-    lengths = torch.tensor([2, 6, 4])
-    garbage = x.clone()
-    garbage[0, 2:], garbage[2, 4:] = 1e4, -1e4
-    m = masked_mean(garbage, lengths)
-    for b, n in enumerate(lengths.tolist()):
-        assert torch.allclose(m[b], x[b, :n].mean(0), atol=1e-6)
-    head = EmotionHead(8)
-    assert head.weight.shape == (5, 8) and head.bias is None
     assert emotion_loss(torch.zeros(4, 5), torch.tensor([0, 1, 2, 4])).item() == pytest.approx(math.log(5))
 
 
@@ -173,7 +153,6 @@ def test_lora_structure():
     m = dec.layers[0].self_attn.k_proj
     assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (16, 4) and (m.lora_B == 0).all() and m.scale == 2.0
     assert m.bias is not None and "layers.0.self_attn.k_proj.weight" in dict(dec.named_parameters())
-    assert lora_settings(dec) == dict(r=4, alpha=8, dropout=0.05, targets=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     with pytest.raises(ValueError, match="already"):
         add_lora(dec)
     with pytest.raises(ValueError, match="no nn.Linear"):
@@ -248,7 +227,7 @@ def tiny_lm(tok, lora=False, head=False, seed=0):
         add_lora(dec, r=4, alpha=8, dropout=0.0)
         randomize_lora(dec)
     torch.manual_seed(seed + 1)
-    return SpeechLM(enc, Adapter(16, 32, inner_dim=8), dec, tok, EmotionHead(32) if head else None).eval()
+    return SpeechLM(enc, Adapter(16, 32, inner_dim=8), dec, tok, nn.Linear(32, 5, bias=False) if head else None).eval()
 
 
 def test_chatml_layout_around_the_speech_slot(tok):
@@ -325,6 +304,18 @@ def test_encode_audio_real_frames_and_padded(tok):
     assert emb.shape == (2, 8, 32) and lengths.tolist() == [4, 8]
 
 
+def test_emotion_head_pools_real_frames_only(tok):
+    lm = tiny_lm(tok).start_stage2(num_emotions=5)
+    assert lm.emotion_head.weight.shape == (5, 32) and lm.emotion_head.bias is None
+    feats = [torch.randn(13, 16), torch.randn(40, 16), torch.randn(27, 16)]
+    with torch.no_grad():
+        emb, lengths = lm.speech_embeds(feats)
+        logits = lm.emotion_logits(emb, lengths)
+        for b, n in enumerate(lengths.tolist()):   # the head on the mean of this clip's own frames, alone
+            alone, _ = lm.speech_embeds(feats[b:b + 1])
+            assert alone.shape[1] == n and torch.allclose(logits[b], lm.emotion_head(alone[0].mean(0)), atol=1e-5)
+
+
 def test_generate_batches_and_partial_lora(tok, monkeypatch):
     lm = tiny_lm(tok, lora=True, head=True)
     feats = [torch.randn(40, 16), torch.randn(90, 16)]
@@ -352,16 +343,25 @@ def test_generate_batches_and_partial_lora(tok, monkeypatch):
 
 def test_stage1_step_teacher_and_student_line_up(tok):
     lm = tiny_lm(tok).train()
-    assert lm.freeze_base() == [n for n, _ in lm.named_parameters() if n.startswith("adapter.")]
+    assert list(lm.trainable_parameters()) == [n for n, _ in lm.named_parameters() if n.startswith("adapter.")]
     text = ["the cat sat on the mat", "hello world"]
     targets = [("the cat.", False), ("on the mat, the", True)]           # the second one was cut off
     teacher = [data.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION + x], t, tr) for x, (t, tr) in zip(text, targets)]
     student = [data.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION, data.SPEECH], t, tr) for t, tr in targets]
-    t_logits, t_targets = lm.text_logits(teacher)
-    s = lm.speech_logits(student, [torch.randn(50, 16), torch.randn(20, 16)])
+    with torch.no_grad():
+        t = lm.response_logits(teacher)
+    s = lm.response_logits(student, [torch.randn(50, 16), torch.randn(20, 16)])
+    t_logits = t["logits"]
     n = len(tok.encode("the cat.")) + len(tok.closing_ids) + len(tok.encode("on the mat, the"))
     assert t_logits.shape == s["logits"].shape == (n, tok.vocab_size) and not t_logits.requires_grad
-    assert torch.equal(t_targets, s["targets"]) and s["embeds"].shape == (2, 7, 32) and s["lengths"].tolist() == [7, 3]
+    assert torch.equal(t["targets"], s["targets"]) and s["embeds"].shape == (2, 7, 32) and s["lengths"].tolist() == [7, 3]
+    # the positions that predict each target token: CE on them = CE over every shifted position, IGNORE left out
+    b = lm.splice([r for r, _ in teacher], [], [l for _, l in teacher])
+    with torch.no_grad():
+        full = lm.decoder(embeds=b["embeds"], valid=b["valid"])
+        shifted = F.cross_entropy(full[:, :-1].reshape(-1, tok.vocab_size), b["labels"][:, 1:].reshape(-1))
+    assert t["targets"].tolist() == [y for _, labels in teacher for y in labels[1:] if y != IGNORE]
+    assert ce_loss(t_logits, t["targets"]).item() == pytest.approx(shifted.item(), rel=1e-5)
     loss = kl_loss(s["logits"], t_logits)
     assert loss.item() > 0
     loss.backward()
@@ -373,11 +373,11 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     lm = tiny_lm(tok).start_stage2(lora=dict(r=4, alpha=8, dropout=0.0)).train()
     randomize_lora(lm.decoder)
     assert lm.emotion_head.weight.shape == (5, 32) and lm.decoder.layers[0].self_attn.o_proj.lora_A.dtype == torch.float32
-    names = lm.freeze_base()
+    names = lm.trainable_parameters()
     assert len(names) == 10 + 1 + 2 * 7 * 2 and all(not p.requires_grad for p in lm.encoder.parameters())
     examples = [data.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
-    s = lm.speech_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
+    s = lm.response_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
     loss = ce_loss(s["logits"], s["targets"]) + emotion_loss(lm.emotion_logits(s["embeds"], s["lengths"]), [1, 3])
     loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
@@ -426,7 +426,7 @@ def build_from(folders, llm="llm", d_llm=32):
     randomize_lora(dec)
     torch.manual_seed(7)
     return SpeechLM(enc, Adapter(16, d_llm, inner_dim=8), dec, Tokenizer.from_pretrained(folders[llm]),
-                    EmotionHead(d_llm))
+                    nn.Linear(d_llm, 5, bias=False))
 
 
 def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
@@ -445,9 +445,9 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)                  # paths in config.json resolve against the run folder, not cwd
     back = SpeechLM.from_run(str(run), device="cpu")
-    assert not back.training and back.has_lora and back.emotion_head is not None
-    for k, v in lm.trainable_state_dict().items():
-        assert torch.equal(back.trainable_state_dict()[k], v), k
+    assert not back.training and back.emotion_head is not None
+    for k, v in lm.trainable_parameters().items():
+        assert torch.equal(back.trainable_parameters()[k], v), k
     feats = [torch.randn(30, 16)]
     msgs = [{"role": "user", "content": ["hi ", data.SPEECH]}]
     assert back.generate(msgs, feats=feats, max_new_tokens=5) == lm.eval().generate(msgs, feats=feats, max_new_tokens=5)
@@ -465,9 +465,10 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
 
 def test_build_a_fresh_stage1_model(hf_folders):
     lm = SpeechLM.build(hf_folders["whisper"], hf_folders["llm"], device="cpu", dtype="fp32", adapter=dict(inner_dim=8))
-    assert lm.adapter.settings() == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3)
+    assert lm.adapter.settings == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3)
     assert lm.config == {"whisper": hf_folders["whisper"], "llm": hf_folders["llm"]}
-    assert not lm.has_lora and lm.emotion_head is None and list(lm.trainable_parameters())[0] == "adapter.conv_layers.0.weight"
+    assert lm.emotion_head is None and not any(".lora_" in n for n, _ in lm.named_parameters())
+    assert list(lm.trainable_parameters())[0] == "adapter.conv_layers.0.weight"
 
 
 def test_bad_runs_are_errors_that_name_the_problem(hf_folders, tmp_path):
@@ -490,7 +491,7 @@ def test_bad_runs_are_errors_that_name_the_problem(hf_folders, tmp_path):
     with pytest.raises(ValueError) as e:
         SpeechLM.from_run(bad, device="cpu")
     msg = str(e.value)
-    assert "model.safetensors" in msg and "has shape" in msg and hf_folders["llm"] in msg and "dim 32" in msg
+    assert "model.safetensors" in msg and "size mismatch" in msg and hf_folders["llm"] in msg and "dim 32" in msg
 
     # a missing weight, an extra one
     sd = load_file(os.path.join(run, "model.safetensors"))
@@ -507,5 +508,5 @@ def test_bad_runs_are_errors_that_name_the_problem(hf_folders, tmp_path):
         SpeechLM.from_run(run, device="cpu")
     with pytest.raises(FileNotFoundError, match="config.json"):
         SpeechLM.from_run(str(tmp_path / "nowhere"), device="cpu")
-    with pytest.raises(FileNotFoundError, match="llm folder"):
+    with pytest.raises(FileNotFoundError, match="no_llm/config.json"):
         SpeechLM.from_run(bad, device="cpu", llm=str(tmp_path / "no_llm"))

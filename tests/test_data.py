@@ -80,7 +80,7 @@ def test_log_mel_real_frames(hf_fe):
     # Oracle 1: HF computes exactly that when asked not to pad ("longest" with a single clip).
     x = chirp_noise(7.3, 2)
     ours = log_mel(torch.from_numpy(x), pad_to_30s=False)
-    assert ours.shape == (80, data.n_frames(len(x))) == (80, 730)
+    assert ours.shape == (80, len(x) // data.HOP_LENGTH) == (80, 730)
     ref = hf_fe[80](x, sampling_rate=16000, padding="longest", return_tensors="np")["input_features"][0]
     assert ref.shape == ours.shape
     assert np.abs(ours.numpy() - ref).max() < 1e-4

@@ -321,7 +321,7 @@ def test_content_retrieval_on_a_tiny_model(model):
     trained = {n: p.clone() for n, p in model.adapter.state_dict().items()}
     a, b, c = ev.untrained(model), ev.untrained(model), ev.untrained(model, seed=1)
     assert a.decoder is model.decoder and a.encoder is model.encoder and a.adapter is not model.adapter
-    assert a.adapter.settings() == model.adapter.settings()
+    assert a.adapter.settings == model.adapter.settings
     assert torch.equal(a.adapter.fc1.weight, b.adapter.fc1.weight)
     assert not torch.equal(a.adapter.fc1.weight, c.adapter.fc1.weight)
     assert all(torch.equal(p, trained[n]) for n, p in model.adapter.state_dict().items())   # left as it was

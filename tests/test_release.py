@@ -463,7 +463,7 @@ def test_release_without_lora_keeps_bf16(tmp_path):
     with safe_open(os.path.join(out, "whisper", index["model.encoder.conv1.weight"]), "pt") as f:
         assert f.get_tensor("model.encoder.conv1.weight").dtype == torch.bfloat16
     lm = SpeechLM.from_run(out, device="cpu")
-    assert not lm.has_lora and lm.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert not any(".lora_" in n for n, _ in lm.named_parameters()) and lm.decoder.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_single_file_release_with_tied_storage(pristine, tmp_path, monkeypatch, capsys):

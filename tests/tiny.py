@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import convert
 import data
+import evaluate
 import tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -36,7 +37,7 @@ def make_tokenizer(folder, vocab_size=400):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = [data.SYSTEM_PROMPT, data.EMOTION_SYSTEM_PROMPT, data.CONTINUE, data.CONTINUE_HEARD_EMOTION,
-            data.SER_QUESTION, "system\n", "user\n", "assistant\n", "the cat sat on the mat. hello world.",
+            evaluate.SER_QUESTION, "system\n", "user\n", "assistant\n", "the cat sat on the mat. hello world.",
             " ".join(data.EMOTIONS), "I think the speaker sounds sad, not happy or angry."] * 10
     tk.train_from_iterator(text, trainer=trainer)
     tk.add_special_tokens(SPECIALS)
