@@ -1,14 +1,6 @@
-"""What both training stages compute once from the frozen networks, and keep on disk.
-
-1. Encoder features. Whisper is frozen in both stages, so its output for a clip never changes:
-   encode each clip once (real-frames mode by default: a 3 s clip costs a tenth of a 30 s one) and
-   store it as fp16, keyed by the clip's bytes on disk, the encoder and the mode. Every epoch, both
-   stages and the evaluation then read the cache instead of running the encoder again.
-2. Continuation targets. The frozen LLM writes the response the speech model must learn to give:
-   a plain continuation of the transcript (stage 1) or an emotion-aware one (stage 2). Generation is
-   the slow part, so results are appended line by line to a JSON-lines file: a rerun continues where
-   the last one stopped and never redoes a finished line.
-"""
+"""What both training stages compute once from the frozen networks, and keep on disk: each clip's encoder features
+(fp16, keyed by the clip's file, the encoder and the mode), and the LLM's targets, appended line by line to a
+JSON-lines file so that a rerun continues where the last one stopped. Then the manifest rows become training items."""
 import hashlib
 import json
 import os
@@ -39,30 +31,22 @@ def encoder_id(folder, padded):
         if os.path.isfile(p):
             st = os.stat(p)
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    # padded features are cut at ceil(n / 160) mel frames (data.log_mel_batch); the tag changed with that count,
-    # so features cut at n // 160 by earlier versions are not reused
+    # padded features are cut at ceil(n / 160) mel frames: the tag says so, features cut at n // 160 are not reused
     h.update(b"padded:ceil" if padded else b"real")
     return h.hexdigest()[:16]
 
 
-def _clip_key(path, enc_id):
-    st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
-
-
 @torch.no_grad()
 def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=8, device="cpu", dtype=torch.float32):
-    """Encoder output (T_i, d_enc) fp16 on the CPU for each path; None for a clip that cannot be read.
-
-    Bad clips (missing, not audio, empty) are warned about by name and returned as None: the caller
-    counts and skips them, it never crashes a long run and never drops a line silently.
-    Clips over 30 s are cut to 30 s (Whisper's window), with a warning.
-    """
+    """Encoder output (T_i, d_enc) fp16 on the CPU for each path. A clip that cannot be read is warned about by
+    name and returned as None, for the caller to count and skip; one over 30 s is cut to 30 s, with a warning."""
     os.makedirs(cache_dir, exist_ok=True)
     out, todo = [None] * len(paths), []
     for i, p in enumerate(paths):
         try:
-            f = os.path.join(cache_dir, _clip_key(p, enc_id) + ".safetensors")
+            st = os.stat(p)   # the key: the clip's file as it is now, and the encoder
+            key = hashlib.sha1(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
+            f = os.path.join(cache_dir, key + ".safetensors")
         except OSError:
             _warn(f"{p}: no such audio file, skipped")
             continue
@@ -94,8 +78,7 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
 
 
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
-    """Manifest rows -> (rows that could be encoded, each with its "feats"; number skipped).
-    padded None: as the model's run was trained to hear (SpeechLM.encode_audio)."""
+    """Manifest rows -> (the rows that could be encoded, each with its "feats"; the number skipped)."""
     padded = model.padded if padded is None else padded
     feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded), padded=padded,
@@ -105,9 +88,8 @@ def with_features(model, rows, padded=None, cache_dir=".cache/features"):
 
 
 def drop_by_duration(rows, min_seconds, max_seconds, where):
-    """The release's clip filter: rows whose audio lasts under min_seconds or over max_seconds (0: no bound) are
-    dropped, and counted. The duration comes from the file's header; a file without a readable one is kept, for
-    with_features to name and skip."""
+    """The release's clip filter, by the duration in the file's header (0: no bound); an unreadable file is kept,
+    for with_features to name and skip."""
     if not (min_seconds or max_seconds):
         return rows
     kept, short, too_long = [], 0, 0
@@ -129,31 +111,20 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
     return kept
 
 
-def is_refusal(text):
-    t = text.lower()
-    return any(r in t for r in REFUSALS)
-
-
 @torch.no_grad()
 def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=16, device="cpu"):
-    """The frozen LLM's greedy continuation for each item, cached in `path` (JSON lines).
-
-    build_prompt(item) -> chat messages. Each cached line is {"key", "target", "truncated"} where key
-    identifies the item and its prompt, so changing the instruction never reuses stale targets.
-    Returns {key: record}; refusals are recorded (so they are not regenerated) but flagged.
-    """
+    """The frozen LLM's greedy reply to build_prompt(item) for each item -> {key: record}, cached in `path`. The key
+    is the prompt's hash, so a changed instruction never reuses stale targets; refusals are kept, flagged."""
     done = {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue   # a line cut by a kill: regenerate it
-                    done[r["key"]] = r
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue   # a blank line, or one cut by a kill: regenerated
+                done[r["key"]] = r
     prompts = {}
     for it in items:
         msgs = build_prompt(it)
@@ -172,7 +143,7 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
             for (key, _), toks in zip(chunk, new):
                 text = tok.decode(toks).strip()
                 rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens,
-                       "refusal": is_refusal(text)}
+                       "refusal": any(r in text.lower() for r in REFUSALS)}
                 f.write(json.dumps(rec) + "\n")
                 done[key] = rec
             f.flush()
@@ -194,11 +165,8 @@ def trim_repeats(text):
 
 
 def training_items(rows, targets, make_examples, n_unreadable, where, max_text_tokens=0):
-    """Rows (with features and target_key) + make_targets' records -> training items: each row with its
-    "target" and the examples make_examples(row, record) returns (a dict). Refusals and empty targets are
-    dropped and counted, never silently: the count is printed with the unreadable clips'. max_text_tokens: an
-    item whose "teacher" example (the LLM reading the transcript, then the target) is longer is dropped too,
-    as the release drops examples over max_length text tokens."""
+    """Rows + make_targets' records -> items: each row with its "target" and make_examples(row, record). Refusals,
+    empty targets and (as the release) teacher examples over max_text_tokens are dropped and counted."""
     items, skipped, n_cut = [], {"unreadable audio": n_unreadable, "refusal": 0, "empty target": 0}, 0
     too_long = f"over {max_text_tokens} text tokens"
     if max_text_tokens:

@@ -19,7 +19,8 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s chunk
 
 EMOTIONS = ["neutral", "happy", "angry", "sad", "surprise"]  # label ids 0..4, the release's order
 SYSTEM_PROMPT = "You are a helpful assistant."
-EMOTION_SYSTEM_PROMPT = SYSTEM_PROMPT + " Your response should fulfill requests with empathy toward user's emotion tone."
+EMOTION_SYSTEM_PROMPT = SYSTEM_PROMPT + (" Your response should fulfill requests with empathy toward user's "
+                                         "emotion tone.")
 # The paper's instructions. Stage 1: the LLM continues the transcript, the speech model the speech. Stage 2: the LLM
 # is told the label, the speech model must hear it.
 CONTINUE = "Continue the following sentence in a coherent style: "
@@ -69,7 +70,7 @@ def mel_filters(n_mels, device=torch.device("cpu")):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")
+        fb = AF.melscale_fbanks(N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, "slaney", "slaney")
     finally:
         torch.set_default_dtype(default)
     return fb.T.to(device, torch.float32).contiguous()  # (n_mels, 201)
@@ -115,7 +116,7 @@ def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
 
 def make_example(tok, system, user_parts, target, truncated=False):
     """(ids with SPEECH slots, labels): IGNORE but on the target and the closing tokens, unless the target was cut."""
-    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user_parts}]
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_parts}]
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
     answer = tok.encode(target) + ([] if truncated else tok.closing_ids)
     return prompt + answer, [IGNORE] * len(prompt) + answer

@@ -1,16 +1,9 @@
 """Stage 2, emotion alignment: the model learns to hear *how* something is said.
+The frozen LLM, told the transcript and its emotion label, writes an emotion-aware reply (the target). The speech
+model learns to give that reply from the speech alone, so both words and emotion must be heard. Loss = CE on the
+target + the emotion head's CE. Trainable: adapter, emotion head, partial LoRA (at the speech positions only).
 
-The frozen LLM, told the transcript and its emotion label, writes an emotion-aware reply (the target;
-data.emotion_target_messages, with the paper's continuation prompt behind paper_prompts). The speech model
-then learns to produce that reply from the speech alone: neither the words nor the label are in its
-prompt, so both must be heard. Loss = cross-entropy on the target + an emotion head's
-cross-entropy on the pooled adapter output. Trainable: adapter, emotion head, and partial LoRA (the
-LoRA delta applies only at the speech positions, so the LLM's text behaviour is untouched).
-
-    python train_emotion.py                                   # from runs/semantic, on speech/emo_*.jsonl
-    python train_emotion.py --map="{'excited': 'happy', 'frustrated': 'angry'}"
-
-SER accuracy and the other measures of a trained run: python evaluate.py (its docstring says how).
+    python train_emotion.py --map="{'excited': 'happy', 'frustrated': 'angry'}"   # from runs/semantic
 """
 import json
 import os
@@ -26,6 +19,7 @@ from adapter import SpeechLM, ce_loss, emotion_loss
 from configurator import configure
 from data import (EMOTION_SYSTEM_PROMPT, EMOTIONS, emotion_label, emotion_student_parts, emotion_target_messages,
                   make_example, read_manifest)
+from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
                      last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
                      rank0_first, save_checkpoint, start_or_resume, stop_signal)
@@ -49,14 +43,12 @@ lora_dropout = 0.05
 min_seconds = 0.0               # drop clips shorter than this (0: keep all; the release: 1.0)
 max_seconds = 0.0               # drop clips longer than this (0: cut to 30 s instead; the release: 30.0)
 max_text_tokens = 0             # drop examples whose text side is longer (0: keep all; the release: 256)
-# Steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM, so each step
-# is cheap) before the joint loop: the head has seen 1,280 clips when the joint loop starts.
+# Steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM) before the joint loop
 head_warmup_steps = 40          # CPU recipe: the release has no head warm-up (0)
 head_warmup_lr = 1e-3
 max_train = 0
 max_eval = 0
-# the loop: the release used lr 2e-5, 200 warmup steps, batch 128, 3 epochs on ~70k utterances;
-# a CPU run has ~1,000 clips and a few hundred steps.
+# the loop: the release used lr 2e-5, 200 warmup steps, batch 128, 3 epochs on ~70k utterances
 batch_size = 8
 grad_accum = 1
 max_steps = 150
@@ -130,7 +122,6 @@ def warm_up_head(model, items):
 
 @torch.no_grad()
 def evaluate(model, held_out, ctx):
-    """Mean held-out stats, batch by batch, in eval mode."""
     model.eval()
     with ctx:
         stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
@@ -139,7 +130,7 @@ def evaluate(model, held_out, ctx):
 
 
 def main():
-    rank, _, dev = init_distributed(device or None)
+    rank, _, dev = init_distributed(pick_device(device or None))
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
@@ -150,7 +141,8 @@ def main():
     trainable = model.trainable_parameters()   # adapter, emotion head, LoRA
     params = list(trainable.values())
     opt = adamw(params, lr, weight_decay)
-    ctx = bf16_autocast(dev, model.decoder.embed_tokens.weight.dtype == torch.bfloat16 if autocast is None else autocast)
+    bf16 = model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    ctx = bf16_autocast(dev, bf16 if autocast is None else autocast)
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     if ckpt is None and head_warmup_steps:
         warm_up_head(model, items)   # a resumed run finds the warmed-up weights in its checkpoint

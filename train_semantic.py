@@ -1,11 +1,8 @@
 """Stage 1, semantic alignment: the speech model learns to behave on speech as the LLM does on text.
+The frozen LLM continues each transcript (the target); the LLM reading the transcript (teacher) and hearing the
+speech through the adapter (student) should then give the same next-token distributions over the target: KL at
+temperature 2. Only the adapter learns.
 
-The frozen LLM continues each transcript; that continuation is the target. Then, on the same prompt,
-the LLM reading the transcript (teacher) and the LLM hearing the speech through the adapter (student)
-should give the same next-token distributions over the target: KL at temperature 2. Only the adapter
-learns; Whisper and the LLM stay frozen.
-
-    python train_semantic.py                                  # defaults: what prepare.py made
     python train_semantic.py --max_steps=1000 --batch_size=16 --llm=checkpoints/qwen2.5-0.5b-instruct
     torchrun --nproc_per_node=4 train_semantic.py --device=cuda --dtype=bf16
 """
@@ -21,6 +18,7 @@ import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages, make_example, read_manifest
+from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
                      last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
                      rank0_first, save_checkpoint, start_or_resume, stop_signal)
@@ -42,9 +40,8 @@ max_eval = 48
 min_seconds = 0.0           # drop clips shorter than this (0: keep all; the release: 1.0)
 max_seconds = 0.0           # drop clips longer than this (0: cut to 30 s instead; the release: 30.0)
 max_text_tokens = 0         # drop examples whose text side is longer (0: keep all; the release: 256)
-# the loop: the release used lr 1e-4, 1000 warmup steps, batch 768 over 1.9M pairs; a 2-core CPU run sees
-# ~1,200 pairs, so the learning rate is higher and the warmup shorter. The held-out KL falls most in the
-# first 50 steps and barely moves after 150 (README, results): 150 steps is the budget.
+# the loop: the release used lr 1e-4, 1000 warmup steps, batch 768 over 1.9M pairs; a CPU run sees ~1,200 pairs,
+# so the learning rate is higher and the warmup shorter
 batch_size = 8
 grad_accum = 1
 max_steps = 150
@@ -66,25 +63,21 @@ config = configure(globals(), sys.argv[1:])
 # -------------------------------------------------------------------------------
 
 
-def prompt_for_target(item):
-    return continue_target_messages(item["text"])
-
-
 def load_items(model, manifest, limit, run_dir):
     """Manifest rows -> items with encoder features, the LLM's continuation and both prompts."""
     rows = cache.drop_by_duration(read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
     targets = rank0_first(lambda: cache.make_targets(
-        model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
+        model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
+        lambda row: continue_target_messages(row["text"]),
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
-        return dict(teacher=make_example(model.tok, SYSTEM_PROMPT, [CONTINUE + row["text"]], t["target"], t["truncated"]),
-                    student=make_example(model.tok, SYSTEM_PROMPT, [CONTINUE, SPEECH], t["target"], t["truncated"]))
+        return {name: make_example(model.tok, SYSTEM_PROMPT, parts, t["target"], t["truncated"]) for name, parts in
+                (("teacher", [CONTINUE + row["text"]]), ("student", [CONTINUE, SPEECH]))}
     return cache.training_items(rows, targets, examples, n_bad, manifest, max_text_tokens)
 
 
 def losses(model, batch):
-    """Teacher reads the transcript (no grad), student hears the speech; both scored on the target."""
     with torch.no_grad():
         teacher = model.response_logits([b["teacher"] for b in batch])
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
@@ -94,7 +87,6 @@ def losses(model, batch):
 
 @torch.no_grad()
 def evaluate(model, held_out, ctx):
-    """Mean held-out stats, batch by batch, in eval mode."""
     model.eval()
     with ctx:
         stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
@@ -103,7 +95,7 @@ def evaluate(model, held_out, ctx):
 
 
 def main():
-    rank, _, dev = init_distributed(device or None)
+    rank, _, dev = init_distributed(pick_device(device or None))
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.build(whisper, llm, device=dev, dtype=dtype)
@@ -112,7 +104,8 @@ def main():
     trainable = model.trainable_parameters()   # the adapter
     params = list(trainable.values())
     opt = adamw(params, lr, weight_decay)
-    ctx = bf16_autocast(dev, model.decoder.embed_tokens.weight.dtype == torch.bfloat16 if autocast is None else autocast)
+    bf16 = model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    ctx = bf16_autocast(dev, bf16 if autocast is None else autocast)
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
     log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")
@@ -160,8 +153,8 @@ def main():
 
     if rank == 0:
         model.save_run(out_dir, {**config, "stage": "semantic"})
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        summary.update(kl_end=last_eval.get("kl"), ce_end=last_eval.get("ce"), steps=step, peak_rss_gb=peak_rss_gb())
+        summary = {**(json.load(open(summary_path)) if os.path.exists(summary_path) else {}), "steps": step,
+                   "kl_end": last_eval.get("kl"), "ce_end": last_eval.get("ce"), "peak_rss_gb": peak_rss_gb()}
         with open(summary_path, "w") as f:
             json.dump(summary, f, indent=2)
         print(f"summary: {summary}; wrote {out_dir}/model.safetensors")

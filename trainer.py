@@ -1,15 +1,7 @@
-"""
-What both training scripts need but is not the lesson: torchrun set-up, the batch order, the learning
-rate schedule, checkpoints with exact resume, atomic writes, the log and its plot. Plain functions;
-the training loop itself is written out in train_semantic.py and train_emotion.py.
-
-Exact resume: everything random about training is a function of (seed, step) or saved in the
-checkpoint. The batch order is a fixed permutation per epoch, and a checkpoint holds the trainable
-weights, the optimizer moments and every rank's torch RNG state. So a run killed at any
-moment and resumed from its newest checkpoint ends bitwise equal to one that never stopped.
-
-A run folder: log.jsonl, loss.png, checkpoints/step_NNNNNNN/{model.safetensors, config.json, state.pt}.
-"""
+"""What both training scripts need but is not the lesson: torchrun set-up, the batch order, the learning rate
+schedule, checkpoints with exact resume, the log. Exact resume: the batch order is a function of (seed, step), and a
+checkpoint holds the trainable weights, the optimizer moments and every rank's RNG state, so a run killed at any
+moment and resumed ends bitwise equal to one that never stopped. A run folder: log.jsonl, checkpoints/step_NNNNNNN/."""
 import atexit
 import contextlib
 import json
@@ -28,27 +20,18 @@ from safetensors.torch import load_file, save_file
 
 from data import atomic_write
 
-# ----------------------------------------------------------------------------------------------
-# device and torchrun: outside torchrun every helper here acts as one process would
 
-
-def init_distributed(device=None):
-    """-> (rank, world_size, device). device None: cuda, then mps, then cpu. Under torchrun (WORLD_SIZE > 1)
-    joins the process group (nccl on cuda, gloo otherwise) and gives each rank its own GPU; a plain run
-    is rank 0 of 1."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(device)
+def init_distributed(device):
+    """-> (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group, nccl on cuda (each
+    rank on its own GPU), gloo otherwise; outside it, rank 0 of 1."""
+    cuda = device.type == "cuda"
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, device
-    if device.type == "cuda":
+    if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if device.type == "cuda":  # device_id binds the NCCL communicator to this rank's GPU up front
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+    if not dist.is_initialized():   # device_id binds the NCCL communicator to this rank's GPU up front
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())  # a run that failed
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -57,21 +40,15 @@ def _rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _comm_device():  # nccl reduces cuda tensors, gloo cpu ones
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def end_distributed():
-    """Called after rank 0 has written the run folder: no rank returns before it is complete, and the
-    group ends while every rank is idle (a gloo rank that exits with it still open can abort at exit)."""
+    """No rank returns before rank 0 has written the run folder; the group ends while every rank is idle."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def rank0_first(fn):
-    """fn() on rank 0, then on the other ranks: rank 0 fills a cache (features, LLM targets) that the
-    others then only read."""
+    """fn() on rank 0, then on the others: rank 0 fills a cache (features, LLM targets) the others only read."""
     rank, world = _rank_world()
     if rank > 0:
         dist.barrier()   # rank 0 is done
@@ -82,10 +59,7 @@ def rank0_first(fn):
 
 
 def all_reduce_grads(params):
-    """Averages the trainable grads over ranks, in one flat buffer. Used instead of wrapping the model
-    in DDP: the frozen encoder/LLM are held by every rank and the losses call several model methods, so
-    only these grads need reducing, once per optimizer step (after all micro-steps). A param no rank
-    used keeps grad None, as in a single process (AdamW then skips it rather than decaying it)."""
+    """The grads averaged over ranks in one buffer (not DDP: the frozen networks need none); unused stay None."""
     world = _rank_world()[1]
     if world == 1:
         return
@@ -104,8 +78,8 @@ def mean_over_ranks(sums, n):
     """{name: sum over n steps} -> {name: mean over the steps and the ranks}."""
     keys, world = sorted(sums), _rank_world()[1]
     values = torch.tensor([sums[k] / n for k in keys], dtype=torch.float64)
-    if world > 1:
-        values = values.to(_comm_device())
+    if world > 1:   # nccl reduces cuda tensors, gloo cpu ones
+        values = values.to(f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(values)
         values /= world
     return dict(zip(keys, values.tolist()))
@@ -117,20 +91,15 @@ def any_rank(flag):
 
 
 def bf16_autocast(device, enabled=True):
-    """bf16 autocast context for device, or a no-op where it does not apply (mps, old GPUs, disabled)."""
+    """bf16 autocast for device, or a no-op where it does not apply (mps, old GPUs, disabled)."""
     device = torch.device(device)
     if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-# ----------------------------------------------------------------------------------------------
-# the plan, the batch order and the schedule: functions of the step, so resuming needs only the step
-
-
 def plan(n_items, batch_size, grad_accum, max_steps, epochs):
-    """-> the number of optimizer steps: max_steps, or if that is 0, `epochs` passes over the items.
-    Checks first that a batch splits evenly into grad_accum micro-batches on every rank."""
+    """-> the number of optimizer steps: max_steps, or if that is 0, `epochs` passes over the items."""
     rank, world = _rank_world()
     if batch_size % (grad_accum * world) or n_items < batch_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of grad_accum {grad_accum} x "
@@ -144,9 +113,7 @@ def plan(n_items, batch_size, grad_accum, max_steps, epochs):
 
 
 def micro_batches(step, n_items, batch_size, grad_accum, seed):
-    """This rank's item indices for each micro-step of optimizer step `step`. Epoch e is one permutation
-    seeded by (seed, e), cut into n_items // batch_size full batches (the remainder is dropped, so every
-    step has the same size); a batch is cut into grad_accum x world micro-batches of equal size."""
+    """This rank's item indices for each micro-step of `step`: epoch e is a permutation seeded by (seed, e)."""
     rank, world = _rank_world()
     micro = batch_size // (grad_accum * world)
     epoch, k = divmod(step, n_items // batch_size)
@@ -156,11 +123,8 @@ def micro_batches(step, n_items, batch_size, grad_accum, seed):
 
 
 def lr_at(step, lr, min_lr, warmup_steps, max_steps, schedule="cosine"):
-    """The learning rate of optimizer step `step`. "cosine": linear warmup to lr, then cosine decay to min_lr at
-    max_steps (nanoGPT's schedule). "warmup_decay": the release's, DeepSpeed's WarmupDecayLR as its trainer fills
-    it in: from 0 along log(step + 1) / log(warmup_steps) (DeepSpeed's default warmup type, which the release
-    keeps), then linear to 0 at max_steps; min_lr is not used. (DeepSpeed applies the value of step k to the
-    update after it, and runs the first update at lr itself: a one-step shift that is not copied.)"""
+    """"cosine": linear warmup to lr, cosine decay to min_lr (nanoGPT's). "warmup_decay": the release's DeepSpeed
+    WarmupDecayLR, log(step + 1) / log(warmup_steps) up to lr, then linear to 0 at max_steps (min_lr unused)."""
     if schedule == "warmup_decay":
         warmup = max(2, warmup_steps)   # as DeepSpeed: log(1) would divide by zero
         if step < warmup:
@@ -186,21 +150,15 @@ def adamw(params, lr, weight_decay):
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-# ----------------------------------------------------------------------------------------------
-# files: atomic writes, checkpoints, exact resume
-
-
 def list_checkpoints(run_dir):
-    """Complete checkpoints, oldest first. A checkpoint is written as step_N.tmp/ and renamed to step_N/
-    when all its files are there, so a crash mid-write leaves only a .tmp folder, which is ignored."""
+    """Complete checkpoints, oldest first: one is written as step_N.tmp/ and renamed when all its files are there."""
     ckpts = [d for d in Path(run_dir, "checkpoints").glob("step_*") if re.fullmatch(r"step_\d+", d.name)
              and all((d / f).is_file() for f in ("model.safetensors", "config.json", "state.pt"))]
     return sorted(ckpts, key=lambda d: int(d.name[5:]))
 
 
 def last_checkpoint(run_dir, resume):
-    """The newest complete checkpoint to resume from, or None: a fresh run. A fresh run refuses a folder
-    that holds an earlier run's checkpoints, which a later --resume would otherwise mix with its own."""
+    """The newest checkpoint to resume from, or None. A fresh run refuses a folder with an earlier run's."""
     ckpts = list_checkpoints(run_dir)
     if ckpts and not resume:
         raise FileExistsError(f"{Path(run_dir, 'checkpoints')} holds checkpoints of an earlier run: pass --resume, "
@@ -209,16 +167,13 @@ def last_checkpoint(run_dir, resume):
 
 
 def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
-    """-> (step, elapsed seconds) the loop starts from. ckpt None: step 0; every RNG is seeded (per rank,
-    so dropout masks differ between ranks) and every rank takes rank 0's weights. Else the checkpoint's
-    weights, optimizer moments and this rank's RNG state; `data` (e.g. n_items, batch_size) must be what
-    it was trained on, or its place in the batch order means nothing. Rank 0 also clears a half-written
-    checkpoint and the log rows past the step: the killed run wrote them, this one writes them again."""
+    """-> (step, elapsed seconds): fresh, or the checkpoint's weights, optimizer and RNG state if it was trained on
+    the same `data` (n_items, batch_size). Rank 0 clears what a killed run wrote past the step."""
     rank, world = _rank_world()
     device = next(iter(trainable.values())).device
     step, elapsed = 0, 0.0
     if ckpt is None:
-        torch.manual_seed(seed + rank)   # torch draws all training's randomness (dropout); the batch order is (seed, step)
+        torch.manual_seed(seed + rank)   # dropout masks differ between ranks; the batch order is (seed, step)
         for p in trainable.values() if world > 1 else []:
             dist.broadcast(p.data, 0)
     else:
@@ -255,12 +210,12 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
 
 
 def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
-    """run_dir/checkpoints/step_N with the trainable weights, the run's config and state.pt (step,
-    optimizer, every rank's RNG state, extra), keeping the newest keep_last (0: all). Every rank calls
-    it, to hand over its RNG state; rank 0 writes."""
+    """checkpoints/step_N (the newest keep_last kept, 0: all). Every rank hands over its RNG state; rank 0 writes."""
     rank, world = _rank_world()
     device = next(iter(trainable.values())).device
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     rngs = [rng]
     if world > 1:
         rngs = [None] * world
@@ -283,8 +238,8 @@ def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
 
 
 def stop_signal():
-    """An event the first Ctrl-C (or SIGTERM) sets: the loop finishes its step, saves a checkpoint and
-    stops, so a checkpoint is never half an optimizer update. A second signal stops at once."""
+    """An event the first Ctrl-C (or SIGTERM) sets: the loop finishes its step, saves a checkpoint and stops,
+    so a checkpoint is never half an optimizer update. A second signal stops at once."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -295,10 +250,6 @@ def stop_signal():
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, handler)
     return stop
-
-
-# ----------------------------------------------------------------------------------------------
-# the log
 
 
 def log_row(path, **row):
