@@ -254,9 +254,11 @@ class SpeechLM(nn.Module):
     def from_run(cls, run_dir, device=None, dtype=None, whisper=None, llm=None):
         """The model a run folder (config.json + model.safetensors) describes, in eval mode; whisper / llm
         override the run's folders (the adapter must still fit them)."""
-        config, w_path = read_config(run_dir), os.path.join(run_dir, "model.safetensors")
-        if not os.path.isfile(w_path):
-            raise FileNotFoundError(f"run folder {run_dir}: missing {w_path}")
+        w_path = os.path.join(run_dir, "model.safetensors")
+        for p in (os.path.join(run_dir, "config.json"), w_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"run folder {run_dir}: missing {p}")
+        config = read_config(run_dir)
         for key in ("whisper", "llm", "adapter"):
             if key not in config:
                 raise ValueError(f"{run_dir}/config.json: no {key!r} entry")
