@@ -187,7 +187,7 @@ def bench_encoder(cfg, reps, device, do_profile=False, budget_s=None):
     real, lengths = mel[..., :n_real].contiguous(), torch.tensor([n_real], device=device)
     # real frames as the pipeline runs them (SpeechLM.encode_audio passes the lengths)
     fns = {"ref_padded": lambda: ref_enc(mel).last_hidden_state,
-           "ours_padded": lambda: ours(mel)[0],
+           "ours_padded": lambda: ours(mel, [mel.shape[-1]], padded=True)[0],
            "ours_real": lambda: ours(real, lengths=lengths)[0]}
     y_ref, y_pad, y_real = (fns[k]() for k in fns)
     tm = ab(fns, reps, device, budget_s=budget_s)
