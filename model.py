@@ -211,14 +211,11 @@ def rope_inv_freq(cfg):
         return inv
     if s["rope_type"] == "linear":
         return inv / s["factor"]
-    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended
+    # Llama 3.1: long wavelengths are slowed by `factor` (smooth 0), short ones kept (1), the band between blended
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
-    return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    smooth = ((s["original_max_position_embeddings"] / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    return (1 - smooth) * inv / factor + smooth * inv
 
 
 def apply_rope(x, cos, sin):
@@ -239,12 +236,11 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Every layer's keys and values, preallocated and written in place, and which positions hold real tokens
-    (rows differ under left padding). len: the positions filled, the step being read included."""
+    """Every layer's keys and values, preallocated and written in place, and which positions hold real tokens."""
 
     def __init__(self, cfg, batch, max_len, device, dtype):
         shape = (cfg.n_layers, 2, batch, cfg.n_kv_heads, max_len, cfg.dim // cfg.n_heads)
-        self.kv, self.len = torch.empty(shape, device=device, dtype=dtype), 0
+        self.kv, self.len = torch.empty(shape, device=device, dtype=dtype), 0   # len: filled, this step included
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
 
     def update(self, layer, k, v):   # this step's keys/values (B, n_kv, S, hd) -> every one so far
@@ -352,9 +348,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None):
-        """Batched prompts are LEFT-padded (valid False on the left), so every row's last position is real;
-        the prompt is read inside prompt_scope (SpeechLM's partial LoRA). Returns each row's new tokens without
-        the stop token; on_token(ids (B,), -1 for finished rows) streams them."""
+        """Prompts LEFT-padded (every row's last position real), read inside prompt_scope (SpeechLM's partial LoRA)
+        -> each row's new tokens, stop token excluded; on_token(ids (B,), -1 for finished rows) streams them."""
         x = tokens if embeds is None else embeds
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
         cache = KVCache(self.cfg, x.shape[0], x.shape[1] + max_new_tokens, x.device, self.embed_tokens.weight.dtype)
