@@ -22,17 +22,17 @@ import torch
 import chat
 import speak
 from adapter import SpeechLM
-from data import EMOTIONS, N_SAMPLES, SAMPLE_RATE
+from data import EMOTIONS, N_SAMPLES, SAMPLE_RATE, AudioError
 
 
 @torch.inference_mode()
 def hear(model, path):
     """A clip -> (encoder frames, the emotion head's probabilities or None, a note for the page or "").
-    chat.InputError for what cannot be heard, with the file's name rather than gradio's upload path."""
+    AudioError for what cannot be heard, with the file's name rather than gradio's upload path."""
     try:
         clip = chat.read_clip(path)
-    except chat.InputError as e:
-        raise chat.InputError(str(e).replace(path, os.path.basename(path))) from None
+    except AudioError as e:
+        raise AudioError(str(e).replace(path, os.path.basename(path))) from None
     note = (f"The clip is {clip.numel() / SAMPLE_RATE:.1f} s long: only its first 30 s were heard."
             if clip.numel() > N_SAMPLES else "")
     feats = model.encode_audio([clip])
@@ -84,7 +84,7 @@ def build(model, args):
                 note = ""
                 history.append({"role": "user", "content": text.strip()})
                 shown = shown + [{"role": "user", "content": text.strip()}]
-        except chat.InputError as e:
+        except AudioError as e:
             yield {status: f"Cannot hear that: {e}"}
             return
         chat.budget_trim(model, history, feats, args.max_new_tokens)

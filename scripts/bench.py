@@ -187,7 +187,7 @@ def bench_encoder(cfg, reps, device, do_profile=False, budget_s=None):
     real, lengths = mel[..., :n_real].contiguous(), torch.tensor([n_real], device=device)
     # real frames as the pipeline runs them (SpeechLM.encode_audio passes the lengths)
     fns = {"ref_padded": lambda: ref_enc(mel).last_hidden_state,
-           "ours_padded": lambda: ours(mel)[0],
+           "ours_padded": lambda: ours(mel, [mel.shape[-1]], padded=True)[0],
            "ours_real": lambda: ours(real, lengths=lengths)[0]}
     y_ref, y_pad, y_real = (fns[k]() for k in fns)
     tm = ab(fns, reps, device, budget_s=budget_s)
@@ -518,7 +518,7 @@ def main(argv=None):
             raise SystemExit(f"unknown section {sec!r}; choose from {', '.join(SECTIONS + EXTRA)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from model import parse_dtype
+    from model import pick_dtype
     device, cfg = torch.device(args.device), QUICK if args.quick else FULL
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     results = dict(meta=dict(command="python scripts/bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -541,7 +541,7 @@ def main(argv=None):
         elif sec == "encoder":
             results[sec] = bench_encoder(cfg, **kw)
         elif sec in ("decode", "decode_small"):
-            results[sec] = bench_decode(cfg, small=sec == "decode_small", dtype=parse_dtype(args.dtype),
+            results[sec] = bench_decode(cfg, small=sec == "decode_small", dtype=pick_dtype(args.dtype, device),
                                         compile_=args.compile, **kw)
         elif sec == "int8":
             results[sec] = bench_int8(cfg, **kw)

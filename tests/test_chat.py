@@ -64,7 +64,7 @@ def assert_clean_error(p, *needles):
 # ------------------------------------------------------------------------------------------- bad input
 
 BAD = {   # case -> (extra args, what the message must name)
-    "missing file": (lambda s: [s["clips"]["missing"]], lambda s: ["missing.wav", "no such file"]),
+    "missing file": (lambda s: [s["clips"]["missing"]], lambda s: ["missing.wav", "no such audio file"]),
     "text file as audio": (lambda s: [s["clips"]["text"]], lambda s: ["notes.txt", "not a readable audio file"]),
     "empty clip": (lambda s: [s["clips"]["empty"]], lambda s: ["empty.wav", "empty", "0 samples"]),
     "silent clip": (lambda s: [s["clips"]["silent"]], lambda s: ["silent.wav", "silent"]),
@@ -145,7 +145,7 @@ def test_multi_turn_through_stdin(setup, one_shot_b):
     p = run(chat_cmd(setup, "--ser"), setup["root"], stdin="\n".join(lines) + "\n")
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
-    assert re.search(r"(?m)^error: .*missing\.wav: no such file$", p.stderr), p.stderr
+    assert re.search(r"(?m)^error: .*missing\.wav: no such audio file$", p.stderr), p.stderr
     # stdout: "assistant: R1\n" then, per speech turn, "emotion head: ...\n" before its "assistant: R\n"
     turns = re.split(r"(?m)^assistant: ", p.stdout)
     assert turns[0] == "", p.stdout                      # the first turn was text: no emotion head line

@@ -88,7 +88,7 @@ def test_quantized_decoder_decodes_like_fp32(models):
     a = fp32.generate(ids, valid=valid, max_new_tokens=16, stop_ids=[])
     b = int8.generate(ids, valid=valid, max_new_tokens=16, stop_ids=[])
     assert sum(x == y for x, y in zip(a, b)) >= 10, (a, b)
-    la, lb = (m(ids, valid=valid, logits_at="last") for m in (fp32, int8))
+    la, lb = (m(ids, valid=valid, logits_at=-1) for m in (fp32, int8))
     assert (la - lb).abs().max() <= 0.03 * la.abs().max()
 
 
