@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import data
-from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, pick_device, pick_dtype, read_config
+from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
 
@@ -258,15 +258,15 @@ class SpeechLM(nn.Module):
         for p in (os.path.join(run_dir, "config.json"), w_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"run folder {run_dir}: missing {p}")
-        config = read_config(run_dir)
+        config = json.loads(Path(run_dir, "config.json").read_text())
         for key in ("whisper", "llm", "adapter"):
             if key not in config:
                 raise ValueError(f"{run_dir}/config.json: no {key!r} entry")
         paths = {k: v or os.path.normpath(os.path.join(run_dir, config[k]))   # relative to the run folder
                  for k, v in (("whisper", whisper), ("llm", llm))}
         # the dimensions from the folders' config.json first: no multi-GB load before a mismatch is found
-        dims = (WhisperConfig.from_hf(read_config(paths["whisper"])).d_model,
-                DecoderConfig.from_hf(read_config(paths["llm"])).dim)
+        hf = {k: json.loads(Path(p, "config.json").read_text()) for k, p in paths.items()}
+        dims = WhisperConfig.from_hf(hf["whisper"]).d_model, DecoderConfig.from_hf(hf["llm"]).dim
         a = config["adapter"]
         pair = (f"the run {run_dir} was trained for whisper {config['whisper']} (d_enc {a.get('d_enc')}) + llm "
                 f"{config['llm']} (d_llm {a.get('d_llm')}); loaded whisper {paths['whisper']} (d_model {dims[0]}) + "
