@@ -11,21 +11,26 @@ Writes under out/ (paths in the manifests are out/<set>/<clip>.flac, as `out` wa
     asr_train.jsonl asr_test.jsonl              {"audio","text"}                      neutral, stage 1
     emo_train.jsonl emo_test.jsonl              {"audio","text","emotion","voice"}    stage 2
                                                 (emo_train rows also name their augmentations: "aug")
+    emo_train_flite/                            emo_train's rows spoken again by a second engine, CMU Flite
+                                                (fetch_flite: Debian's package), listed in emo_train.jsonl
+                                                after espeak's rows (voice "flite-...")
     emo_other/ emo_other.jsonl                  the emo_test sentences spoken by another engine (Piper, a
                                                 neural voice), never trained on; made when piper-tts is installed
     real/ real.jsonl                            a few human LibriVox clips {"audio","text","source"}
     synth.json, other.json                      seed and settings (a rerun must use the same seed)
 Train and test share no voice and no sentence. Every test sentence is spoken in all five emotions by
 both test voices. Same seed -> same bytes; clips already written are skipped. emo_train is augmented
-(room, noise, channel, voice quality, gain drawn per clip: `augment` below) so that what separates the
-emotions is tempo, pitch, range and loudness, not how espeak happens to sound.
+(room, noise, channel, voice quality, gain drawn per clip: `augment` below) and spoken by two engines, so
+that what separates the emotions is tempo, pitch, range and loudness, not how espeak happens to sound.
 """
 import ast
 import functools
+import hashlib
 import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -254,9 +259,14 @@ def synthesize(text, voice, emotion, rng=None, aug=None):
     x = resample(pcm.astype(np.float32) / 32768.0, rate, SAMPLE_RATE)
     if aug is None:
         return voice_quality(x, r["tilt"], r["drive"])
-    # augmented: a voice quality drawn alike for every class, at the loudness espeak spoke the clip (drive
-    # alone would lift a quiet clip by up to drive/tanh(drive)): loudness stays the recipe's volume
-    y = voice_quality(x, max(-0.9, AUGMENT["tilt_keep"] * r["tilt"] + aug["tilt"]), aug["drive"])
+    return augment_voice(x, max(-0.9, AUGMENT["tilt_keep"] * r["tilt"] + aug["tilt"]), aug)
+
+
+def augment_voice(x, tilt, aug):
+    """A training clip's voice quality (tilt, and aug's drive, drawn alike for every class) at the loudness the
+    clip was spoken (drive alone would lift a quiet clip by up to drive/tanh(drive): loudness stays the
+    recipe's), then aug's room, channel, noise and gain."""
+    y = voice_quality(x, tilt, aug["drive"])
     return augment(y * np.sqrt(np.mean(x ** 2) / (np.mean(y ** 2) + 1e-12)), aug)
 
 
@@ -307,29 +317,37 @@ def clip_rng(seed, clip_id):
 
 
 def _render(job):
-    path, text, voice, emotion, seed, clip_id, aug = job
+    path, speak, text, voice, emotion, seed, clip_id, aug = job  # speak: synthesize, or flite_synthesize's partial
     if os.path.exists(path):
         return 0.0, False
-    audio = synthesize(text, voice, emotion, clip_rng(seed, clip_id), aug)
+    audio = speak(text, voice, emotion, clip_rng(seed, clip_id), aug)
     write_flac(path, audio)
     return len(audio) / SAMPLE_RATE, True
 
 
 def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_test_sentences=20,
-                workers=None, real=True, progress=True, augment=True, other=True):
+                workers=None, real=True, progress=True, augment=True, other=True, n_emo_train_flite=None):
     """Synthesize every set under `out` and write the manifests. -> dict(set name -> manifest path, stats...).
     augment: augment the emo_train clips (never the test sets); other: also make emo_other (make_other) when
-    piper-tts is installed."""
+    piper-tts is installed; n_emo_train_flite: flite clips for the first that many emo_train rows (None: all of
+    them, 0: none), written to out/emo_train_flite/ and listed in emo_train.jsonl after espeak's rows."""
+    n_emo_train_flite = n_emo_train if n_emo_train_flite is None else n_emo_train_flite
+    if not 0 <= n_emo_train_flite <= n_emo_train:
+        raise ValueError(f"n_emo_train_flite={n_emo_train_flite}: one flite clip per emo_train row, so 0 to "
+                         f"n_emo_train ({n_emo_train})")
     from tqdm import tqdm
     os.makedirs(out, exist_ok=True)
     # clips on disk are skipped, so they must have been made by these very settings
     stamp = os.path.join(out, "synth.json")
     made_by = json.loads(json.dumps(dict(seed=seed, version=SYNTH_VERSION, recipes=RECIPES, jitter=JITTER,
-                                         voices=VOICES, test_voices=TEST_VOICES, augment=augment and AUGMENT)))
+                                         voices=VOICES, test_voices=TEST_VOICES, augment=augment and AUGMENT,
+                                         flite=dict(voices=FLITE_VOICES, recipes=FLITE_RECIPES, jitter=FLITE_JITTER,
+                                                    level_db=OTHER_LEVEL_DB, debs=FLITE_DEBS))))
     if os.path.exists(stamp):
         with open(stamp) as f:
             old = json.load(f)
-        diff = [k for k in made_by if old.get(k) != made_by[k]]
+        # a folder made before flite was a training engine has no flite clips: they are added, nothing is refused
+        diff = [k for k in made_by if old.get(k) != made_by[k] and not (k == "flite" and k not in old)]
         if diff and "version" in diff:
             raise ValueError(f"{out} was made by an older synth.py (version {old.get('version', 1)}, now "
                              f"{SYNTH_VERSION}: {', '.join(diff)} differ): remove the folder and run again")
@@ -337,15 +355,20 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
             raise ValueError(f"{out} was made with other {', '.join(diff)} (seed {old.get('seed')}): remove the "
                              f"folder, or pass the settings it was made with")
     plan = make_plan(seed, n_asr_train, n_asr_test, n_emo_train, n_emo_test_sentences)
+    sets = [(name, name, clips, synthesize) for name, clips in plan.items()]  # (manifest, folder, clips, engine)
+    flite = fetch_flite() if n_emo_train_flite else None
+    if flite:
+        sets.append(("emo_train", "emo_train_flite", flite_plan(plan["emo_train"][:n_emo_train_flite]),
+                     functools.partial(flite_synthesize, root=flite)))
     jobs, rows = [], {}
-    for name, clips in plan.items():
-        os.makedirs(os.path.join(out, name), exist_ok=True)
-        rows[name] = []
+    for name, folder, clips, speak in sets:
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        rows.setdefault(name, [])
         for c in clips:
-            path = os.path.join(out, name, c["id"] + ".flac")
+            path = os.path.join(out, folder, c["id"] + ".flac")
             # a generator of its own, so the clip's voice, words and jitter are those of the clip unaugmented
             aug = augment_params(clip_rng(seed, "aug/" + c["id"])) if augment and name == "emo_train" else None
-            jobs.append((path, c["text"], c["voice"], c["emotion"], seed, c["id"], aug))
+            jobs.append((path, speak, c["text"], c["voice"], c["emotion"], seed, c["id"], aug))
             row = dict(audio=path, text=c["text"])
             if name.startswith("emo"):
                 row.update(emotion=c["emotion"], voice=c["voice"])
@@ -379,10 +402,12 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
     if other:
         result["emo_other"] = make_other(out, seed, n_emo_test_sentences, progress=progress)
     stats = dict(clips=len(jobs), new=n_new, audio_s=round(seconds, 1), wall_s=round(wall, 1),
-                 clips_per_s=round(n_new / wall, 2) if n_new else None, workers=workers)
+                 clips_per_s=round(n_new / wall, 2) if n_new else None, workers=workers,
+                 flite_clips=n_emo_train_flite if flite else 0)
     with open(stamp, "w") as f:
         json.dump(dict(made_by, n_asr_train=n_asr_train, n_asr_test=n_asr_test, n_emo_train=n_emo_train,
-                       n_emo_test_sentences=n_emo_test_sentences, last_run=stats), f, indent=1)
+                       n_emo_train_flite=n_emo_train_flite, n_emo_test_sentences=n_emo_test_sentences,
+                       last_run=stats), f, indent=1)
     if progress:
         print(f"synth: {n_new} new clips of {len(jobs)} ({seconds:.0f} s of audio) in {wall:.0f} s with "
               f"{workers} workers -> {out}")
@@ -420,9 +445,15 @@ def other_synthesize(voice, text, emotion, rng):
     cfg = SynthesisConfig(length_scale=shift / r["tempo"], normalize_audio=False)
     text = text.strip().rstrip(".!?;:,… ") + r["end"]
     x = np.concatenate([c.audio_float_array for c in voice.synthesize(text, cfg)])
-    rate = int(round(voice.config.sample_rate * shift / 50)) * 50  # 50 Hz steps: few resampling kernels
-    x = voice_quality(resample(x, rate, SAMPLE_RATE), r["tilt"], 1.0).astype(np.float64)
-    x *= 10 ** ((OTHER_LEVEL_DB + r["gain"]) / 20) / (np.sqrt(np.mean(x ** 2)) + 1e-9)
+    return replay(x, voice.config.sample_rate, shift, r["tilt"], r["gain"])
+
+
+def replay(x, sr, shift, tilt, gain):
+    """An engine's samples at sr replayed `shift` x faster (pitch and formants up, the clip shorter) -> 16 kHz,
+    with a spectral tilt, at OTHER_LEVEL_DB + gain (an engine's own level varies from clip to clip)."""
+    rate = int(round(sr * shift / 50)) * 50  # 50 Hz steps: few resampling kernels
+    x = voice_quality(resample(x, rate, SAMPLE_RATE), tilt, 1.0).astype(np.float64)
+    x *= 10 ** ((OTHER_LEVEL_DB + gain) / 20) / (np.sqrt(np.mean(x ** 2)) + 1e-9)
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
@@ -480,6 +511,132 @@ def make_other(out="speech", seed=0, n_sentences=20, progress=True):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A second engine for training: CMU Flite 2.2 (Debian's build: diphone kal16 and the clustergen voices awb, slt,
+# rms). A head trained on one engine learns that engine's way of sounding happy, so every emo_train row is
+# spoken once more by flite, its emotion rendered by flite's own prosody model (its f0 mean, f0 range and
+# duration knobs), not by espeak's. The binary and its libraries come from the Debian archive by
+# `apt-get download` (no root, nothing installed), checked by sha256 and unpacked once into FLITE_CACHE.
+FLITE_DEBS = {  # Debian 12 (bookworm), amd64
+    "flite_2.2-5_amd64.deb": "f4ce03470bf9974c2cb9cacd981e6be29339ef4c97cf994dd6fa3f90e6544db9",
+    "libflite1_2.2-5_amd64.deb": "bfa8c591f1b47730b30b372ec38e02918a1c9795eada67684e1746390ad2f061",
+}
+FLITE_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "flite")
+FLITE_VOICES = {  # name: (flite voice, f0 mean Hz, f0 stddev Hz); rms has no f0 knob: its pitch moves by the replay
+    "flite-kal16": ("kal16", 100, 14),
+    "flite-awb": ("awb", 115, 16),
+    "flite-slt": ("slt", 175, 25),
+    "flite-rms": ("rms", None, None),
+}
+# tempo: x the voice's speaking rate (duration_stretch); f0, range: x the voice's f0 mean and stddev (for rms:
+# the replay factor); gain in dB; tilt as in voice_quality; end: the punctuation flite's intonation follows;
+# shift: the samples replayed this many semitones higher (formants move too, as espeak's `tract`)
+FLITE_RECIPES = {
+    "neutral":  dict(tempo=1.00, f0=1.00, range=1.0, gain=0.0, tilt=0.0, end=".", shift=0.0),
+    "happy":    dict(tempo=1.15, f0=1.15, range=1.9, gain=3.0, tilt=0.3, end="!", shift=1.5),
+    "angry":    dict(tempo=1.12, f0=1.00, range=1.3, gain=6.0, tilt=0.8, end="!", shift=0.5),
+    "sad":      dict(tempo=0.72, f0=0.90, range=0.3, gain=-5.0, tilt=-0.5, end="...", shift=-1.5),
+    "surprise": dict(tempo=0.90, f0=1.20, range=2.3, gain=3.0, tilt=0.15, end="?", shift=2.5),
+}
+FLITE_JITTER = dict(tempo=0.08, f0=0.05, gain=1.2, tilt=0.15, shift=0.2)  # uniform +-; f0 and shift share a draw
+
+
+def fetch_flite(cache=None):
+    """-> the folder holding usr/bin/flite and usr/lib/<triplet>/ (fetched and unpacked on the first call), or
+    None, with a note, when apt-get is missing or fails (not Debian, offline) or fetches another build."""
+    cache = cache or FLITE_CACHE
+    if os.path.exists(os.path.join(cache, "usr", "bin", "flite")):  # moved into place only once complete
+        return cache
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = subprocess.run(["apt-get", "download", "flite", "libflite1"], cwd=tmp, capture_output=True,
+                               text=True, timeout=300)
+            if r.returncode != 0:
+                raise RuntimeError(f"apt-get download failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            debs = {f: open(os.path.join(tmp, f), "rb").read() for f in sorted(os.listdir(tmp)) if f.endswith(".deb")}
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"synth: no flite clips (the second training engine): {e}", file=sys.stderr)
+        return None
+    if set(debs) != set(FLITE_DEBS):
+        print(f"synth: no flite clips (the second training engine): apt-get fetched {', '.join(debs)}; synth.py "
+              f"pins {', '.join(FLITE_DEBS)} (flite 2.2-5 for amd64, Debian 12) by sha256", file=sys.stderr)
+        return None
+    for name, data in debs.items():
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != FLITE_DEBS[name]:
+            raise ValueError(f"{name} from apt-get download: sha256 {digest}, expected {FLITE_DEBS[name]}; "
+                             f"not running it")
+    files = {k[2:]: v for d in debs.values() for k, v in _deb_members(d).items()}  # "./usr/..." -> "usr/..."
+    # the program and the libraries by their sonames (what the dynamic linker looks for), nothing else
+    keep = [k for k in files if k == "usr/bin/flite" or (k.startswith("usr/lib/") and k.endswith(".so.1"))]
+    part = cache + ".part"
+    shutil.rmtree(part, ignore_errors=True)  # a killed earlier unpacking
+    for k in keep:
+        os.makedirs(os.path.dirname(os.path.join(part, k)), exist_ok=True)
+        with open(os.path.join(part, k), "wb") as f:
+            f.write(files[k])
+    os.chmod(os.path.join(part, "usr", "bin", "flite"), 0o755)
+    try:
+        listed = run_flite(part, "-lv")  # "Voices available: kal awb_time kal16 awb rms slt"
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"synth: no flite clips (the second training engine): the unpacked flite does not run here ({e})",
+              file=sys.stderr)
+        return None
+    missing = [v for v, *_ in FLITE_VOICES.values() if v not in listed.split()]
+    if missing:
+        raise ValueError(f"flite from {', '.join(debs)} lacks the voices {', '.join(missing)}")
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    os.replace(part, cache)
+    return cache
+
+
+def run_flite(root, *args):
+    """The unpacked usr/bin/flite with its libraries (usr/lib/<triplet>, the one folder there) -> its stdout."""
+    lib = os.path.join(root, "usr", "lib", os.listdir(os.path.join(root, "usr", "lib"))[0])
+    return subprocess.run([os.path.join(root, "usr", "bin", "flite"), *args], env=dict(os.environ, LD_LIBRARY_PATH=lib),
+                          check=True, capture_output=True, text=True).stdout
+
+
+def flite_synthesize(text, voice, emotion, rng=None, aug=None, root=None):
+    """Speak `text` as a FLITE_VOICES voice in `emotion` -> float32 numpy array at 16 kHz. rng, aug: as in
+    synthesize. root: fetch_flite()'s folder. flite itself is deterministic: same rng, same samples."""
+    if voice not in FLITE_VOICES:
+        raise ValueError(f"unknown flite voice {voice!r}; known: {', '.join(FLITE_VOICES)}")
+    check_names(emotion=emotion)
+    root = root or FLITE_CACHE
+    r = dict(FLITE_RECIPES[emotion])
+    if rng is not None:
+        u = rng.uniform(-1, 1, 4)
+        r["tempo"] *= 1 + FLITE_JITTER["tempo"] * u[0]
+        r["f0"] *= 1 + FLITE_JITTER["f0"] * u[1]
+        r["shift"] *= 1 + FLITE_JITTER["shift"] * u[1]
+        r["gain"] += FLITE_JITTER["gain"] * u[2]
+        r["tilt"] += FLITE_JITTER["tilt"] * u[3]
+    name, mean, sd = FLITE_VOICES[voice]
+    shift = 2 ** (r["shift"] / 12) if mean else r["f0"]  # replayed `shift` x faster: so speak slower by as much
+    args = ["--setf", f"duration_stretch={shift / r['tempo']:.3f}"]
+    if mean:
+        args += ["--setf", f"int_f0_target_mean={mean * r['f0']:.1f}",
+                 "--setf", f"int_f0_target_stddev={sd * r['range']:.1f}"]
+    text = text.strip().rstrip(".!?;:,… ") + r["end"]
+    with tempfile.TemporaryDirectory() as tmp:
+        wav = os.path.join(tmp, "clip.wav")
+        run_flite(root, "-voice", name, *args, "-t", text, "-o", wav)
+        x, sr = sf.read(wav, dtype="float32")
+    x = replay(x, sr, shift, r["tilt"], r["gain"])
+    return x if aug is None else augment_voice(x, aug["tilt"], aug)
+
+
+def flite_plan(emo_train):
+    """One flite clip per espeak emo_train clip (make_plan's): the same words and emotion, so stage 2's targets
+    (keyed by text and emotion) are shared, the flite voices in turn (each voice speaks every emotion)."""
+    voices, plan = list(FLITE_VOICES), []
+    for k, c in enumerate(emo_train):
+        v = voices[(k // 5 + k % 5) % len(voices)]
+        plan.append(dict(c, id=f"{k:05d}_s{c['sentence']:03d}_{v}_{c['emotion']}", voice=v))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------------
 # real human speech, for a sanity check of stage 1 (does the model hear people, not only espeak?)
 
 LIBRIVOX_DEB = "pocketsphinx-testdata"  # Debian: 5 LibriVox clips (Sense and Sensibility, a human reader)
@@ -487,14 +644,15 @@ AUDIOEVAL_WHEEL = "pytest-audioeval==0.1.3"  # PyPI fallback: 3 English clips, w
 
 
 def _deb_members(deb_bytes):
-    """A .deb is an ar archive holding data.tar.*: read it with the standard library (no dpkg needed)."""
+    """A .deb is an ar archive holding data.tar.*: read it with the standard library (no dpkg needed). A symlink
+    (a library's soname) reads as the file it points to."""
     assert deb_bytes[:8] == b"!<arch>\n", "not a .deb (ar) archive"
     pos = 8
     while pos + 60 <= len(deb_bytes):
         name, size = deb_bytes[pos:pos + 16].decode().strip().rstrip("/"), int(deb_bytes[pos + 48:pos + 58])
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(deb_bytes[pos + 60:pos + 60 + size])) as tar:
-                return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+                return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile() or m.issym()}
         pos += 60 + size + size % 2
     raise ValueError("no data.tar member in the .deb")
 

@@ -12,7 +12,7 @@ import synth
 from data import EMOTIONS
 
 TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, real=False, progress=False,
-            other=False)
+            other=False, n_emo_train_flite=0)  # espeak alone; the flite clips have their tests at the end
 EMO_ROW = {"audio", "text", "emotion", "voice"}
 
 
@@ -272,3 +272,119 @@ def test_fetch_real_speech(tmp_path):
     for r in rows:
         x, sr = sf.read(r["audio"])
         assert sr == 16000 and x.ndim == 1 and len(x) > 8000 and len(r["text"].split()) >= 2
+
+
+# --- the second training engine (flite) -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flite_root(tmp_path_factory):
+    """Fetched as on a first run (apt-get download, sha256 checked, unpacked) into a fresh cache."""
+    root = synth.fetch_flite(str(tmp_path_factory.mktemp("cache") / "flite"))
+    assert root is not None, "apt-get download flite libflite1 failed (this is a Debian 12 amd64 machine)"
+    return root
+
+
+@pytest.fixture
+def with_flite(flite_root, monkeypatch):
+    monkeypatch.setattr(synth, "FLITE_CACHE", flite_root)  # make_speech's fetch finds it unpacked
+
+
+FLITE_TEXT = "The train was delayed by ten minutes."
+
+
+@pytest.fixture(scope="module")
+def flite_clips(flite_root):
+    """One clip per emotion (the recipe itself, no jitter) by a voice with flite's f0 knobs and by rms."""
+    return {(v, e): synth.flite_synthesize(FLITE_TEXT, v, e, root=flite_root)
+            for v in ("flite-kal16", "flite-rms") for e in EMOTIONS}
+
+
+def test_flite_is_fetched_once_and_speaks_deterministically(flite_root, flite_clips, monkeypatch):
+    assert list(synth.FLITE_RECIPES) == EMOTIONS  # the recipes in data.EMOTIONS' order
+    monkeypatch.setenv("PATH", "")  # no apt-get: the unpacked copy is reused
+    assert synth.fetch_flite(flite_root) == flite_root
+    assert sorted(os.listdir(os.path.join(flite_root, "usr", "bin"))) == ["flite"]
+    for (v, e), x in flite_clips.items():  # flite is deterministic: a rerun gives the same samples
+        assert x.dtype == np.float32 and 1.0 < len(x) / 16000 < 6.0, (v, e, len(x))
+        assert np.array_equal(synth.flite_synthesize(FLITE_TEXT, v, e, root=flite_root), x), (v, e)
+    aug = synth.augment_params(np.random.default_rng(0))
+    a, b = (synth.flite_synthesize(FLITE_TEXT, "flite-slt", "sad", np.random.default_rng(1), aug, flite_root)
+            for _ in range(2))
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="'flite-robot'"):
+        synth.flite_synthesize(FLITE_TEXT, "flite-robot", "sad", root=flite_root)
+
+
+@pytest.mark.parametrize("voice", ("flite-kal16", "flite-rms"))
+def test_flite_recipes_move_the_prosody(flite_clips, voice):
+    m = {e: measure(flite_clips[voice, e], FLITE_TEXT) for e in EMOTIONS}
+    f0, spw, db = ({e: m[e][k] for e in m} for k in ("f0", "spw", "db"))
+    assert f0["sad"] < f0["neutral"] - 1 < f0["happy"] - 3 and f0["surprise"] > f0["neutral"] + 2, f0  # semitones
+    assert spw["sad"] > 1.25 * spw["neutral"] and spw["sad"] > 1.4 * spw["happy"], spw  # seconds per word
+    assert spw["happy"] < spw["neutral"] and spw["surprise"] > spw["happy"], spw
+    assert db["angry"] > db["happy"] > db["neutral"] > db["sad"] + 3, db
+
+
+def test_flite_rows_follow_espeaks_in_emo_train(tmp_path, with_flite):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny = dict(TINY, n_emo_train=10, n_emo_train_flite=None)  # None: one flite clip per emo_train row
+    r = synth.make_speech(a, seed=0, workers=2, **tiny)
+    rows = [json.loads(ln) for ln in open(r["emo_train"])]
+    espeak, flite = rows[:10], rows[10:]
+    assert len(flite) == 10 and all(x["voice"] in synth.TRAIN_VOICES for x in espeak)
+    assert all(set(x) == EMO_ROW | {"aug"} and x["voice"] in synth.FLITE_VOICES for x in flite)
+    assert all(os.path.dirname(x["audio"]) == os.path.join(a, "emo_train_flite") for x in flite)
+    assert [(x["text"], x["emotion"]) for x in flite] == [(x["text"], x["emotion"]) for x in espeak]
+    assert {x["voice"] for x in flite} == set(synth.FLITE_VOICES)
+    for x in flite:
+        info = sf.info(x["audio"])
+        assert (info.samplerate, info.channels, info.format) == (16000, 1, "FLAC") and 0.5 < info.duration < 15
+    stamp = json.load(open(os.path.join(a, "synth.json")))
+    assert stamp["n_emo_train_flite"] == 10 and stamp["last_run"]["flite_clips"] == 10
+    synth.make_speech(b, seed=0, workers=1, **tiny)  # one process instead of two: the same bytes
+    assert files(a) == {k: v.replace(b.encode(), a.encode()) for k, v in files(b).items()}
+    assert synth.make_speech(a, seed=0, workers=1, **tiny)["stats"]["new"] == 0
+    with pytest.raises(ValueError, match="n_emo_train_flite"):
+        synth.make_speech(a, seed=0, workers=1, **dict(tiny, n_emo_train_flite=11))
+
+
+def test_a_folder_made_before_flite_gets_the_flite_clips(tmp_path, with_flite, monkeypatch):
+    out = str(tmp_path / "s")
+    synth.make_speech(out, seed=0, workers=1, **TINY)
+    stamp = os.path.join(out, "synth.json")
+    old = json.load(open(stamp))
+    for k in ("flite", "n_emo_train_flite"):  # synth.json as the synth.py without flite wrote it
+        del old[k]
+    json.dump(old, open(stamp, "w"))
+    before = files(out)
+    r = synth.make_speech(out, seed=0, workers=1, **dict(TINY, n_emo_train_flite=None))  # prepare.py's call
+    assert r["stats"]["new"] == 5
+    after = files(out)
+    assert {k: v for k, v in after.items() if k.endswith(".flac") and k in before} == \
+        {k: v for k, v in before.items() if k.endswith(".flac")}  # espeak's clips untouched
+    assert len([k for k in after if k.startswith("emo_train_flite" + os.sep)]) == 5
+    assert len(open(r["emo_train"]).readlines()) == 10
+    # flite clips on disk are skipped, so other flite settings are refused
+    monkeypatch.setitem(synth.FLITE_RECIPES, "sad", dict(synth.FLITE_RECIPES["sad"], tempo=0.6))
+    with pytest.raises(ValueError, match="flite"):
+        synth.make_speech(out, seed=0, workers=1, **dict(TINY, n_emo_train_flite=None))
+
+
+def test_no_apt_get_is_a_note_and_espeak_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(synth, "FLITE_CACHE", str(tmp_path / "cache" / "flite"))  # nothing unpacked yet
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # not Debian: no apt-get
+    r = synth.make_speech(str(tmp_path / "s"), seed=0, workers=1, **dict(TINY, n_emo_train_flite=None))
+    assert "no flite clips" in capsys.readouterr().err
+    assert len(open(r["emo_train"]).readlines()) == 5 and r["stats"]["flite_clips"] == 0
+    assert not os.path.exists(tmp_path / "cache" / "flite")
+
+
+def test_another_flite_build_is_named(tmp_path, monkeypatch, capsys):
+    # another architecture or Debian release: other file names, a note; the pinned names: a wrong sha256 refused
+    monkeypatch.setattr(synth, "FLITE_DEBS", {"flite_2.2-5_arm64.deb": "0" * 64, "libflite1_2.2-5_arm64.deb": "0" * 64})
+    assert synth.fetch_flite(str(tmp_path / "a")) is None
+    assert "flite_2.2-5_arm64.deb" in capsys.readouterr().err
+    monkeypatch.setattr(synth, "FLITE_DEBS", {"flite_2.2-5_amd64.deb": "0" * 64, "libflite1_2.2-5_amd64.deb": "0" * 64})
+    with pytest.raises(ValueError, match="sha256"):
+        synth.fetch_flite(str(tmp_path / "b"))
+    assert not os.listdir(tmp_path)
