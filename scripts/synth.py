@@ -356,10 +356,12 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
                              f"folder, or pass the settings it was made with")
     plan = make_plan(seed, n_asr_train, n_asr_test, n_emo_train, n_emo_test_sentences)
     sets = [(name, name, clips, synthesize) for name, clips in plan.items()]  # (manifest, folder, clips, engine)
-    flite = fetch_flite() if n_emo_train_flite else None
-    if flite:
-        sets.append(("emo_train", "emo_train_flite", flite_plan(plan["emo_train"][:n_emo_train_flite]),
-                     functools.partial(flite_synthesize, root=flite)))
+    flite = flite_plan(plan["emo_train"][:n_emo_train_flite])
+    # flite is fetched only for clips not yet written: a rerun needs neither apt-get nor the unpacked copy
+    done = all(os.path.exists(os.path.join(out, "emo_train_flite", c["id"] + ".flac")) for c in flite)
+    root = FLITE_CACHE if done else fetch_flite()
+    if flite and root:
+        sets.append(("emo_train", "emo_train_flite", flite, functools.partial(flite_synthesize, root=root)))
     jobs, rows = [], {}
     for name, folder, clips, speak in sets:
         os.makedirs(os.path.join(out, folder), exist_ok=True)
@@ -403,7 +405,7 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
         result["emo_other"] = make_other(out, seed, n_emo_test_sentences, progress=progress)
     stats = dict(clips=len(jobs), new=n_new, audio_s=round(seconds, 1), wall_s=round(wall, 1),
                  clips_per_s=round(n_new / wall, 2) if n_new else None, workers=workers,
-                 flite_clips=n_emo_train_flite if flite else 0)
+                 flite_clips=len(flite) if root else 0)
     with open(stamp, "w") as f:
         json.dump(dict(made_by, n_asr_train=n_asr_train, n_asr_test=n_asr_test, n_emo_train=n_emo_train,
                        n_emo_train_flite=n_emo_train_flite, n_emo_test_sentences=n_emo_test_sentences,
@@ -552,7 +554,10 @@ def fetch_flite(cache=None):
                                text=True, timeout=300)
             if r.returncode != 0:
                 raise RuntimeError(f"apt-get download failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-            debs = {f: open(os.path.join(tmp, f), "rb").read() for f in sorted(os.listdir(tmp)) if f.endswith(".deb")}
+            debs = {}
+            for name in sorted(f for f in os.listdir(tmp) if f.endswith(".deb")):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    debs[name] = f.read()
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
         print(f"synth: no flite clips (the second training engine): {e}", file=sys.stderr)
         return None
@@ -578,6 +583,7 @@ def fetch_flite(cache=None):
     try:
         listed = run_flite(part, "-lv")  # "Voices available: kal awb_time kal16 awb rms slt"
     except (OSError, subprocess.CalledProcessError) as e:
+        shutil.rmtree(part)
         print(f"synth: no flite clips (the second training engine): the unpacked flite does not run here ({e})",
               file=sys.stderr)
         return None

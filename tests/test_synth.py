@@ -325,7 +325,7 @@ def test_flite_recipes_move_the_prosody(flite_clips, voice):
     assert db["angry"] > db["happy"] > db["neutral"] > db["sad"] + 3, db
 
 
-def test_flite_rows_follow_espeaks_in_emo_train(tmp_path, with_flite):
+def test_flite_rows_follow_espeaks_in_emo_train(tmp_path, with_flite, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     tiny = dict(TINY, n_emo_train=10, n_emo_train_flite=None)  # None: one flite clip per emo_train row
     r = synth.make_speech(a, seed=0, workers=2, **tiny)
@@ -343,7 +343,11 @@ def test_flite_rows_follow_espeaks_in_emo_train(tmp_path, with_flite):
     assert stamp["n_emo_train_flite"] == 10 and stamp["last_run"]["flite_clips"] == 10
     synth.make_speech(b, seed=0, workers=1, **tiny)  # one process instead of two: the same bytes
     assert files(a) == {k: v.replace(b.encode(), a.encode()) for k, v in files(b).items()}
+    made = files(a)
+    monkeypatch.setattr(synth, "FLITE_CACHE", str(tmp_path / "absent"))
+    monkeypatch.setenv("PATH", "")  # a rerun skips every clip: it needs no flite and no apt-get
     assert synth.make_speech(a, seed=0, workers=1, **tiny)["stats"]["new"] == 0
+    assert files(a) == made  # the flite rows still listed
     with pytest.raises(ValueError, match="n_emo_train_flite"):
         synth.make_speech(a, seed=0, workers=1, **dict(tiny, n_emo_train_flite=11))
 
