@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch, pad_batch
+from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, pad_batch
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
@@ -31,8 +31,8 @@ def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) a
 
 
 @torch.no_grad()
-def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=8, device="cpu"):
-    """Encoder output (T_i, d_enc) fp16 on the CPU for each path; None (with a warning) where a clip is unreadable."""
+def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
+    """encode(clips) (SpeechLM.encode_audio) for each path, fp16 on the CPU; None (warned) for an unreadable clip."""
     os.makedirs(cache_dir, exist_ok=True)
     out, todo, audios = [None] * len(paths), [], {}
     for i, p in enumerate(paths):
@@ -49,28 +49,24 @@ def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=
         except AudioError as e:
             tqdm.write(f"warning: {e}; skipped", file=sys.stderr)
             continue
-        if audios[i].numel() > N_SAMPLES:   # log_mel_batch cuts it
+        if audios[i].numel() > N_SAMPLES:   # the mel cuts it
             tqdm.write(f"warning: {p}: {audios[i].numel() / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window; "
                        "cut to 30 s", file=sys.stderr)
         todo.append((i, p, f))
     todo.sort(key=lambda t: audios[t[0]].numel())   # similar lengths: less padding
     for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
         chunk = todo[b:b + batch_size]
-        mel, lengths = log_mel_batch([audios[i] for i, _, _ in chunk], encoder.cfg.n_mels, pad_to_30s=padded)
-        x, out_len = encoder(mel.to(device), lengths.to(device), padded=padded)
-        for j, (i, _, f) in enumerate(chunk):
-            feats = x[j, :int(out_len[j])].to("cpu", torch.float16).contiguous()
-            atomic_write(f, lambda p: save_file({"feats": feats}, p))
-            out[i] = feats
+        for (i, _, f), x in zip(chunk, encode([audios[i] for i, _, _ in chunk])):
+            out[i] = x.to("cpu", torch.float16).contiguous()
+            atomic_write(f, lambda p: save_file({"feats": out[i]}, p))
     return out
 
 
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
     padded = model.padded if padded is None else padded
-    feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
-                         encoder_id(model.config["whisper"], padded), padded=padded,
-                         device=model.decoder.embed_tokens.weight.device)
+    feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
+                         encoder_id(model.config["whisper"], padded))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
 
