@@ -180,7 +180,7 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, messages, feats=(), *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                 stop_ids=None, on_token=None, generator=None):
+                 on_token=None, generator=None):
         """Reply to one conversation or a batch: new ids per conversation; SPEECH parts are heard from feats."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         rows = [self.tok.encode_chat(c, add_generation_prompt=True) for c in convs]
@@ -188,8 +188,7 @@ class SpeechLM(nn.Module):
         batch = self.splice(rows, [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
         return self.decoder.generate(
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_ids=stop_ids if stop_ids is not None else self.tok.eos_ids,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=self.tok.eos_ids,
             prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator)
 
     def response_logits(self, examples, feats=()):

@@ -64,7 +64,8 @@ def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
     with torch.device("meta"):   # no memory, no init: every weight comes from the files
         model = cls(cfg)
-    state, device, dtype, tied = {}, pick_device(device), pick_dtype(dtype, device), cfg.__dict__.get("tie_embeddings")
+    state, device, dtype = {}, pick_device(device), pick_dtype(dtype, device)
+    tied = getattr(cfg, "tie_embeddings", False)
     for path in files:
         with safe_open(path, "pt") as f:
             for key in f.keys():
