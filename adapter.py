@@ -18,13 +18,11 @@ from tokenizer import Tokenizer
 
 
 class Adapter(nn.Module):
-    """The release's "subsampler": 3 x (Conv1d stride 2 + GLU), a residual bottleneck, LayerNorm. Names mirror
-    its adapter.subsampler.conv_layers.N, adapter.fc1, adapter.fc2, adapter.speech_ln (minus "subsampler.")."""
+    """The release's "subsampler": 3 x (Conv1d stride 2 + GLU), a residual bottleneck, LayerNorm; its names."""
 
     def __init__(self, d_enc, d_llm, inner_dim=512, kernel_size=5, n_convs=3):
         super().__init__()
-        # an even kernel would make the output length L // 2 + 1, not the release's (L - 1) // 2 + 1
-        assert kernel_size % 2 == 1, f"Adapter: kernel_size must be odd, got {kernel_size}"
+        assert kernel_size % 2 == 1, f"Adapter: kernel_size must be odd (the release's lengths), got {kernel_size}"
         self.settings = dict(d_enc=d_enc, d_llm=d_llm, inner_dim=inner_dim, kernel_size=kernel_size, n_convs=n_convs)
         # GLU halves the channels: every conv but the last keeps d_enc, the last lands on d_llm
         outs = [2 * d_enc] * (n_convs - 1) + [2 * d_llm]
@@ -38,9 +36,8 @@ class Adapter(nn.Module):
         return -(-lengths // 2 ** len(self.conv_layers))   # each conv maps L to (L - 1) // 2 + 1 = ceil(L / 2)
 
     def forward(self, x, lengths):
-        """x (B, T, d_enc), lengths (B,) real frames per row -> (B, T', d_llm), lengths (B,)."""
         lengths = torch.as_tensor(lengths, device=x.device)
-        x = x.transpose(1, 2)  # Conv1d wants (B, C, T)
+        x = x.transpose(1, 2)
         for conv in self.conv_layers:
             # unlike the release, zero the padding: a batch then equals each clip alone
             keep = torch.arange(x.shape[-1], device=x.device) < lengths[:, None]
@@ -66,15 +63,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: A random, B zero -> delta 0
         self.lora_dropout = nn.Dropout(dropout)
-        self.mask = self.rows = None  # set by partial_lora for the forwards inside it
+        self.rows = None  # the speech rows, set by partial_lora for the forwards inside it
 
     def forward(self, x):
         y = super().forward(x)   # the base: nn.Linear's float matmul, or quantize.Int8Linear's int8 one
-        if self.mask is None:
+        if self.rows is None:
             return y
-        if self.mask.shape != x.shape[:-1]:
-            raise ValueError(f"partial_lora: speech mask {tuple(self.mask.shape)} does not match the input "
-                             f"{tuple(x.shape[:-1])}")
         # the delta computed at the speech rows only: the same numbers as a full delta times the mask
         xs = x.reshape(-1, x.shape[-1]).index_select(0, self.rows)
         d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
@@ -87,23 +81,21 @@ def partial_lora(decoder, speech_mask):
     layers = [m for m in decoder.modules() if isinstance(m, LoRALinear)]
     rows = speech_mask.reshape(-1).nonzero().squeeze(1)   # found once, shared by every layer
     for m in layers:
-        m.mask, m.rows = speech_mask.bool(), rows
+        m.rows = rows
     try:
         yield
     finally:
         for m in layers:
-            m.mask = m.rows = None
+            m.rows = None
 
 
 def add_lora(decoder, r=16, alpha=16, dropout=0.05,
              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """Wrap every nn.Linear child named in targets; the default is every projection, as the release's."""
+    """LoRA on every projection by default, as the release's."""
     found = 0
     for module in list(decoder.modules()):
         for name, child in list(module.named_children()):
             if name in targets and isinstance(child, nn.Linear):
-                if isinstance(child, LoRALinear):
-                    raise ValueError(f"add_lora: {name} already has LoRA")
                 setattr(module, name, LoRALinear(child, r, alpha, dropout))
                 found += 1
     if not found:
@@ -127,13 +119,10 @@ def ce_loss(logits, targets):
 
 
 def emotion_loss(logits, labels):
-    """Cross-entropy of the emotion head: logits (B, 5), labels (B,) in data.EMOTIONS order."""
     return F.cross_entropy(logits.float(), torch.as_tensor(labels, device=logits.device))
 
 
 class SpeechLM(nn.Module):
-    """encoder + adapter + decoder (+ emotion head) + tokenizer."""
-
     def __init__(self, encoder, adapter, decoder, tok, emotion_head=None, config=None):
         super().__init__()
         self.encoder, self.adapter, self.decoder = encoder, adapter, decoder
@@ -147,20 +136,15 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def encode_audio(self, audios, padded=None):
-        """1-D 16 kHz clips (cut to 30 s) -> list of encoder frames (T_i, d_enc). padded: each clip padded to 30 s
-        as the release does, else real mel frames only; None: as the run was trained to hear."""
+        """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained unless padded."""
         padded = self.padded if padded is None else padded
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32, device=w.device).reshape(-1) for a in audios]
-        for i, a in enumerate(clips):
-            if len(a) < data.HOP_LENGTH:
-                raise ValueError(f"encode_audio: clip {i} has {len(a)} samples, less than one mel frame")
         mel, frames = data.log_mel_batch(clips, self.encoder.cfg.n_mels, pad_to_30s=padded)
         x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded)
         return [x[i, :n] for i, n in enumerate(out_lengths.tolist())]
 
     def speech_embeds(self, feats):
-        """Encoder frames, a list of (T_i, d_enc) -> adapter output (B, T', d_llm) and lengths (B,)."""
         p = self.adapter.fc1.weight
         lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long, device=p.device)
         if not len(feats):   # a prompt without speech
@@ -170,8 +154,6 @@ class SpeechLM(nn.Module):
 
     def emotion_logits(self, embeds, lengths):
         """Adapter output (zero past each row's length) -> (B, num_emotions), on the mean over the real frames."""
-        if self.emotion_head is None:
-            raise ValueError("emotion_logits: this model has no emotion head (num_emotions 0)")
         pooled = embeds.sum(1) / lengths.clamp(min=1)[:, None].to(embeds.dtype)
         return self.emotion_head(pooled.to(self.emotion_head.weight.dtype))
 
@@ -198,7 +180,7 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, messages, feats=(), *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                 stop_ids=None, on_token=None, generator=None):
+                 on_token=None, generator=None):
         """Reply to one conversation or a batch: new ids per conversation; SPEECH parts are heard from feats."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         rows = [self.tok.encode_chat(c, add_generation_prompt=True) for c in convs]
@@ -206,8 +188,7 @@ class SpeechLM(nn.Module):
         batch = self.splice(rows, [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
         return self.decoder.generate(
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            stop_ids=stop_ids if stop_ids is not None else self.tok.eos_ids,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=self.tok.eos_ids,
             prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator)
 
     def response_logits(self, examples, feats=()):
@@ -233,7 +214,7 @@ class SpeechLM(nn.Module):
 
     @classmethod
     def build(cls, whisper, llm, device=None, dtype=None, adapter=None):
-        """A fresh stage-1 model: the pretrained encoder and LLM from their folders and a new adapter."""
+        """A fresh stage-1 model: a new adapter between the pretrained encoder and LLM."""
         device = pick_device(device or None)
         dtype = pick_dtype(dtype or None, device)
         encoder = WhisperEncoder.from_pretrained(whisper, dtype=dtype, device=device)
@@ -255,13 +236,11 @@ class SpeechLM(nn.Module):
         """The model a run folder (config.json + model.safetensors) describes, in eval mode; whisper / llm
         override the run's folders (the adapter must still fit them)."""
         w_path = os.path.join(run_dir, "model.safetensors")
-        for p in (os.path.join(run_dir, "config.json"), w_path):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"run folder {run_dir}: missing {p}")
+        if missing := [p for p in (os.path.join(run_dir, "config.json"), w_path) if not os.path.isfile(p)]:
+            raise FileNotFoundError(f"run folder {run_dir}: missing {missing[0]}")
         config = json.loads(Path(run_dir, "config.json").read_text())
-        for key in ("whisper", "llm", "adapter"):
-            if key not in config:
-                raise ValueError(f"{run_dir}/config.json: no {key!r} entry")
+        if missing := [key for key in ("whisper", "llm", "adapter") if key not in config]:
+            raise ValueError(f"{run_dir}/config.json: no {missing[0]!r} entry")
         paths = {k: v or os.path.normpath(os.path.join(run_dir, config[k]))   # relative to the run folder
                  for k, v in (("whisper", whisper), ("llm", llm))}
         # the dimensions from the folders' config.json first: no multi-GB load before a mismatch is found

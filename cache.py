@@ -1,6 +1,5 @@
-"""What both training stages compute once from the frozen networks, and keep on disk: each clip's encoder features
-(fp16, keyed by the clip's file, the encoder and the mode), and the LLM's targets, appended line by line to a
-JSON-lines file so that a rerun continues where the last one stopped. Then the manifest rows become training items."""
+"""What both training stages compute once from the frozen networks and keep on disk: each clip's encoder features,
+and the LLM's targets, appended line by line so that a rerun continues where the last one stopped."""
 import hashlib
 import json
 import os
@@ -12,19 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, log_mel_batch, pad_batch
+from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, pad_batch
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
             "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
 
 
-def _warn(msg):
-    tqdm.write(f"warning: {msg}", file=sys.stderr)
-
-
-def encoder_id(folder, padded):
-    """Names an encoder + mode for cache keys: its folder's config and weights' sizes/mtimes."""
+def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) and the mode
     h = hashlib.sha1()
     for name in sorted(os.listdir(folder)):
         p = os.path.join(folder, name)
@@ -37,59 +31,48 @@ def encoder_id(folder, padded):
 
 
 @torch.no_grad()
-def encode_clips(encoder, paths, cache_dir, enc_id, *, padded=False, batch_size=8, device="cpu", dtype=torch.float32):
-    """Encoder output (T_i, d_enc) fp16 on the CPU for each path. A clip that cannot be read is warned about by
-    name and returned as None, for the caller to count and skip; one over 30 s is cut to 30 s, with a warning."""
+def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
+    """encode(clips) (SpeechLM.encode_audio) for each path, fp16 on the CPU; None (warned) for an unreadable clip."""
     os.makedirs(cache_dir, exist_ok=True)
-    out, todo = [None] * len(paths), []
+    out, todo, audios = [None] * len(paths), [], {}
     for i, p in enumerate(paths):
         try:
-            st = os.stat(p)   # the key: the clip's file as it is now, and the encoder
+            if not os.path.isfile(p):
+                raise AudioError(f"{p}: no such audio file")
+            st = os.stat(p)   # the key: the clip's file as it is now and the encoder
             key = hashlib.sha1(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
             f = os.path.join(cache_dir, key + ".safetensors")
-        except OSError:
-            _warn(f"{p}: no such audio file, skipped")
-            continue
-        if os.path.exists(f):
-            out[i] = load_file(f)["feats"]
-        else:
-            todo.append((i, p, f))
-    # Sorting by length keeps padding (wasted work) small inside each batch.
-    audios = {}
-    for i, p, _ in todo:
-        try:
-            a = load_audio(p)
+            if os.path.exists(f):
+                out[i] = load_file(f)["feats"]
+                continue
+            audios[i] = load_audio(p)
         except AudioError as e:
-            _warn(f"{e}; skipped")
+            tqdm.write(f"warning: {e}; skipped", file=sys.stderr)
             continue
-        if a.numel() > N_SAMPLES:   # log_mel_batch cuts it
-            _warn(f"{p}: {a.numel() / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window; cut to 30 s")
-        audios[i] = a
-    todo = sorted([t for t in todo if t[0] in audios], key=lambda t: audios[t[0]].numel())
+        if audios[i].numel() > N_SAMPLES:   # the mel cuts it
+            tqdm.write(f"warning: {p}: {audios[i].numel() / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window; "
+                       "cut to 30 s", file=sys.stderr)
+        todo.append((i, p, f))
+    todo.sort(key=lambda t: audios[t[0]].numel())   # similar lengths: less padding
     for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
         chunk = todo[b:b + batch_size]
-        mel, lengths = log_mel_batch([audios[i] for i, _, _ in chunk], encoder.cfg.n_mels, pad_to_30s=padded)
-        x, out_len = encoder(mel.to(device, dtype), lengths.to(device), padded=padded)
-        for j, (i, _, f) in enumerate(chunk):
-            feats = x[j, :int(out_len[j])].to("cpu", torch.float16).contiguous()
-            atomic_write(f, lambda p: save_file({"feats": feats}, p))
-            out[i] = feats
+        for (i, _, f), x in zip(chunk, encode([audios[i] for i, _, _ in chunk])):
+            out[i] = x.to("cpu", torch.float16).contiguous()
+            atomic_write(f, lambda p: save_file({"feats": out[i]}, p))
     return out
 
 
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
-    """Manifest rows -> (the rows that could be encoded, each with its "feats"; the number skipped)."""
+    """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
     padded = model.padded if padded is None else padded
-    feats = encode_clips(model.encoder, [r["audio"] for r in rows], cache_dir,
-                         encoder_id(model.config["whisper"], padded), padded=padded,
-                         device=model.decoder.embed_tokens.weight.device)
+    feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
+                         encoder_id(model.config["whisper"], padded))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
 
 
 def drop_by_duration(rows, min_seconds, max_seconds, where):
-    """The release's clip filter, by the duration in the file's header (0: no bound); an unreadable file is kept,
-    for with_features to name and skip."""
+    """The release's clip filter by duration (0: no bound); an unreadable file is kept, for with_features to name."""
     if not (min_seconds or max_seconds):
         return rows
     kept, short, too_long = [], 0, 0
@@ -113,28 +96,25 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
 
 @torch.no_grad()
 def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=16, device="cpu"):
-    """The frozen LLM's greedy reply to build_prompt(item) for each item -> {key: record}, cached in `path`. The key
-    is the prompt's hash, so a changed instruction never reuses stale targets; refusals are kept, flagged."""
-    done = {}
+    """The frozen LLM's greedy reply to build_prompt(item) for each item -> {key: record}, cached in `path` by the
+    prompt's hash, so a changed instruction never reuses stale targets; refusals are kept, flagged."""
+    done, prompts = {}, {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue   # a blank line, or one cut by a kill: regenerated
-                done[r["key"]] = r
-    prompts = {}
-    for it in items:
-        msgs = build_prompt(it)
-        key = hashlib.sha1(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
-        it["target_key"] = key
-        if key not in done:
-            prompts[key] = msgs
-    todo = list(prompts.items())
-    todo.sort(key=lambda kv: len(json.dumps(kv[1])))   # similar lengths batch with less padding
-    with open(path, "a") as f:
+    with open(path, "a+") as f:   # read from the start, written at the end
+        f.seek(0)
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue   # a blank line, or one cut by a kill: regenerated
+            done[r["key"]] = r
+        for it in items:
+            msgs = build_prompt(it)
+            key = hashlib.sha1(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
+            it["target_key"] = key
+            if key not in done:
+                prompts[key] = msgs
+        todo = sorted(prompts.items(), key=lambda kv: len(json.dumps(kv[1])))   # similar lengths: less padding
         for b in tqdm(range(0, len(todo), batch_size), desc="LLM targets", unit="batch", disable=not todo):
             chunk = todo[b:b + batch_size]
             ids, _, valid = pad_batch([tok.encode_chat(m) for _, m in chunk], tok.pad_id, side="left")
@@ -151,11 +131,10 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
 
 
 def trim_repeats(text):
-    """A small LLM's greedy text often loops ("I'm sure. I'm sure. I'm sure."): keep it up to the first
-    sentence that repeats an earlier one. Returns (text, whether anything was cut)."""
-    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    """A small LLM's greedy text often loops ("I'm sure. I'm sure."): -> (text up to the first repeated sentence,
+    whether anything was cut)."""
     seen, kept = set(), []
-    for p in parts:
+    for p in re.split(r"(?<=[.!?])\s+", text.strip()):
         key = p.lower().strip()
         if key in seen:
             return " ".join(kept), True

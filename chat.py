@@ -40,8 +40,7 @@ def prompts(model, system=None, emotion=False, instruction=None):
     return system, [instruction, SPEECH] if instruction else [SPEECH]
 
 
-def emotion_probs(model, feats):
-    """The emotion head's probabilities, (B, 5) in EMOTIONS' order."""
+def emotion_probs(model, feats):   # (B, 5) in EMOTIONS' order
     emb, lengths = model.speech_embeds(feats)
     return model.emotion_logits(emb, lengths).float().softmax(-1)
 
@@ -51,9 +50,9 @@ def heard(probs):
     return "neutral" if probs is None else EMOTIONS[int(probs.argmax())]
 
 
-def reply(model, args, history, feats, stream=True, show=None):
-    """The reply to each conversation of history (one, or a batch if not streamed), streamed through show."""
-    show = show or (lambda piece: print(piece, end="", flush=True))   # demo.py shows it in its page
+def reply(model, args, history, feats, show=None):
+    """The reply to history, streamed through show (demo.py shows it in its page)."""
+    show = show or (lambda piece: print(piece, end="", flush=True))
     ids, shown, times, t0 = [], "", [], time.time()
 
     def on_token(new):
@@ -66,12 +65,12 @@ def reply(model, args, history, feats, stream=True, show=None):
                 shown = text
     gen = torch.Generator(device=model.decoder.embed_tokens.weight.device).manual_seed(args.seed)
     new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, on_token=on_token if stream else None, generator=gen)
-    if args.verbose and stream:
-        n, ttft, dt = len(new[0]), (times[0] if times else time.time()) - t0, time.time() - t0
+                         top_k=args.top_k, top_p=args.top_p, on_token=on_token, generator=gen)[0]
+    if args.verbose:
+        n, ttft, dt = len(new), (times[0] if times else time.time()) - t0, time.time() - t0
         rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
         print(f"\n[{n} tokens; time to first token {ttft:.2f} s; {rate:.1f} tokens/s]", file=sys.stderr, end="")
-    return [model.tok.decode(t).strip() for t in new]
+    return model.tok.decode(new).strip()
 
 
 def budget_trim(model, history, feats, max_new_tokens):
@@ -98,7 +97,7 @@ def answer(model, args, history, feats, clip=None, n=None, prefix=""):
             print("emotion head: " + ", ".join(f"{e} {p:.0%}" for e, p in ranked))
     budget_trim(model, history, feats, args.max_new_tokens)
     print(prefix, end="", flush=True)
-    history.append({"role": "assistant", "content": reply(model, args, history, feats)[0]})
+    history.append({"role": "assistant", "content": reply(model, args, history, feats)})
     print()
     if args.speak:
         import speak   # imported late: chat without --speak never loads espeak-ng

@@ -14,8 +14,8 @@ from tokenizer import SPEECH
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms window
 HOP_LENGTH = 160  # 10 ms hop
-N_SAMPLES = 30 * SAMPLE_RATE  # 480000 samples in a 30 s chunk
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s chunk
+N_SAMPLES = 30 * SAMPLE_RATE
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in 30 s
 
 EMOTIONS = ["neutral", "happy", "angry", "sad", "surprise"]  # label ids 0..4, the release's order
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -45,12 +45,12 @@ def emotion_student_parts(paper=False):
     return [CONTINUE_HEARD_EMOTION, SPEECH] if paper else [SPEECH]
 
 
-class AudioError(ValueError):
-    """A file that cannot be used as speech; the message names the file and the problem."""
+class AudioError(ValueError):   # a file that cannot be used as speech; the message names it
+    pass
 
 
 def load_audio(path, sr=SAMPLE_RATE):
-    """Decode any soundfile-readable file (wav, flac, ogg, mp3) to a float32 mono tensor (N,) at `sr`."""
+    """Any soundfile-readable file (wav, flac, ogg, mp3) -> float32 mono (N,) at `sr`."""
     if not os.path.isfile(path):
         raise AudioError(f"{path}: no such audio file")
     try:
@@ -77,8 +77,8 @@ def mel_filters(n_mels, device=torch.device("cpu")):
 
 
 def log_mel(audio, n_mels=80, pad_to_30s=True):
-    """Whisper's log-mel of (N,) or (B, N) 16 kHz audio -> (n_mels, T) or (B, n_mels, T). pad_to_30s: zero-pad
-    or trim to T = 3000 frames, as Whisper was trained. Else T = N // 160, the real frames only."""
+    """Whisper's log-mel of (N,) or (B, N) 16 kHz audio; pad_to_30s: T = 3000 frames as Whisper was trained,
+    else T = N // 160, the real frames only."""
     audio = torch.as_tensor(audio, dtype=torch.float32)
     n = audio.shape[-1]
     if pad_to_30s:
@@ -105,8 +105,8 @@ def log_mel(audio, n_mels=80, pad_to_30s=True):
 
 
 def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
-    """A list of (N_i,) clips, each computed alone and cut to 30 s -> (mel (B, n_mels, T), lengths (B,) real frames).
-    Padded: the frames the release keeps, ceil(n / 160) as its feature extractor's mask counts them."""
+    """Clips, each computed alone and cut to 30 s -> (mel (B, n_mels, T), lengths (B,) real frames). Padded: the
+    frames the release keeps, ceil(n / 160) as its feature extractor's mask counts them."""
     clips = [torch.as_tensor(c, dtype=torch.float32)[:N_SAMPLES] for c in clips]
     lengths = torch.tensor([-(-len(c) // HOP_LENGTH) if pad_to_30s else len(c) // HOP_LENGTH for c in clips])
     mels = [log_mel(c, n_mels, pad_to_30s) for c in clips]
@@ -123,7 +123,7 @@ def make_example(tok, system, user_parts, target, truncated=False):
 
 
 def pad_batch(rows, pad_id, labels=None, side="right"):
-    """Lists of ids (and labels) -> (ids, labels or None, valid bool), (B, S); generation pads left."""
+    """-> (ids, labels or None, valid), each (B, S); generation pads left."""
     S = max(len(r) for r in rows)
 
     def pad(row, value):
@@ -143,7 +143,7 @@ def emotion_label(name, mapping=None, where="manifest"):
 
 
 def atomic_write(path, write):
-    """write(tmp), fsync, rename over path: a killed run leaves the old file or the new one, never a part."""
+    """A killed run leaves the old file or the new one, never a part."""
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"   # per process: concurrent writers never share a tmp
     try:
         write(tmp)
@@ -156,7 +156,7 @@ def atomic_write(path, write):
 
 
 def read_manifest(path):
-    """JSON lines -> list of dicts. Blank lines are skipped; a bad line is a ValueError naming file:line."""
+    """JSON lines -> dicts; a bad line is a ValueError naming file:line."""
     with open(path, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
     rows = []

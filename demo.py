@@ -48,7 +48,7 @@ def stream_reply(model, args, history, feats):
     def work():
         try:
             with torch.inference_mode():
-                q.put(("done", chat.reply(model, args, history, feats, show=lambda piece: q.put(("piece", piece)))[0]))
+                q.put(("done", chat.reply(model, args, history, feats, show=lambda piece: q.put(("piece", piece)))))
         except Exception as e:  # noqa: BLE001  handed over to the page's thread, which raises it
             q.put(("error", e))
     threading.Thread(target=work, daemon=True).start()

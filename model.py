@@ -21,8 +21,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 def _matmul_time(dtype, device):
-    """The best of 10 runs of one LLM projection (SmolLM2's MLP shape) on one thread: a minimum on one core says
-    what the instruction set does, whatever else the machine is running (the first run builds the kernel)."""
+    # the best of 10 runs of SmolLM2's MLP matmul on one thread: what the instruction set does, whatever the load
     x, w = torch.randn(256, 576, device=device, dtype=dtype), torch.randn(1536, 576, device=device, dtype=dtype)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -32,8 +31,7 @@ def _matmul_time(dtype, device):
 
 
 def pick_dtype(name, device):
-    """A dtype setting (a DTYPES name or a torch dtype) -> torch dtype; None keeps the checkpoint's. "auto": bf16
-    where the device computes it natively, else fp32. A CPU is timed: its instruction set does not say."""
+    """None keeps the checkpoint's dtype; "auto": bf16 where the device computes it natively (a CPU is timed)."""
     if name is None or isinstance(name, torch.dtype):
         return name
     if name != "auto":
@@ -48,8 +46,8 @@ def pick_dtype(name, device):
     else:   # fp32 is the safe choice where the device does not say
         fast = device.type == "cuda" and torch.cuda.is_bf16_supported()
         why = f"{device.type}: {'bf16 supported' if fast else 'fp32 is the safe choice'}"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"dtype: {'bf16' if fast else 'fp32'} ({why})", file=sys.stderr)   # stdout is chat.py's reply
+    if int(os.environ.get("RANK", 0)) == 0:   # on stderr: stdout is chat.py's reply
+        print(f"dtype: {'bf16' if fast else 'fp32'} ({why})", file=sys.stderr)
     return torch.bfloat16 if fast else torch.float32
 
 
@@ -59,8 +57,7 @@ def pick_device(name=None):
 
 
 def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
-    """cls(its config from the folder's config.json), weights from its *.safetensors (one file or shards).
-    name_of(checkpoint key) -> our parameter name, or None for a tensor that is not ours."""
+    """name_of(checkpoint key) -> our parameter name, or None for a tensor that is not ours."""
     cfg = config_cls.from_hf(json.loads(Path(folder, "config.json").read_text()))
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
@@ -68,18 +65,19 @@ def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
     with torch.device("meta"):   # no memory, no init: every weight comes from the files
         model = cls(cfg)
     state, device, dtype = {}, pick_device(device), pick_dtype(dtype, device)
+    tied = getattr(cfg, "tie_embeddings", False)
     for path in files:
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 if (name := name_of(key)) is not None:
                     state[name] = f.get_tensor(key).to(device, dtype)
-    if getattr(cfg, "tie_embeddings", False) and "embed_tokens.weight" in state:
+    if tied and "embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])   # tied: usually stored once
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:   # names every missing, unexpected and mis-shaped tensor
         raise ValueError(f"{folder}: {e}") from None
-    if getattr(cfg, "tie_embeddings", False):
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight   # assign=True loaded the two names apart
     return model.eval()
 
@@ -87,8 +85,6 @@ def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
 def split_heads(x, n_heads):
     return x.view(*x.shape[:2], n_heads, -1).transpose(1, 2)   # (B, T, n_heads * hd) -> (B, n_heads, T, hd)
 
-
-# ----------------------------------------------------------------------------- Whisper encoder
 
 @dataclass
 class WhisperConfig:
@@ -142,9 +138,8 @@ class WhisperEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, mel, lengths, padded=False):
-        """mel (B, n_mels, T <= 3000), lengths (B,) real mel frames -> (B, T_out, d), out lengths (B,).
-        padded=True is the release's mode: every clip padded to 30 s, whisper attending over the padding.
-        Else each row is masked past its length, so a batch equals each clip alone."""
+        """padded: the release's mode, whisper attending over the 30 s padding; else each row is masked past its
+        length, so a batch equals each clip alone."""
         lengths = torch.as_tensor(lengths, device=mel.device)
         out_lengths = (lengths - 1) // 2 + 1
         # real frames: zeroing past the end reproduces the convs' zero padding, the mask hides padded keys
@@ -163,8 +158,6 @@ class WhisperEncoder(nn.Module):
         return load_pretrained(cls, WhisperConfig, folder, lambda k: next(
             (k[len(p):] for p in ("model.encoder.", "encoder.") if k.startswith(p)), None), dtype, device)
 
-
-# ----------------------------------------------------------------------------- Llama / Qwen2 decoder
 
 @dataclass
 class DecoderConfig:
@@ -254,9 +247,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id, self.n_heads, self.n_kv_heads = layer_id, cfg.n_heads, cfg.n_kv_heads
         hd = cfg.dim // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(cfg.dim, n * hd, bias=cfg.qkv_bias)
+                                                 for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads))
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache):
@@ -320,8 +312,8 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)   # a plain tensor, not a buffer: .to(bf16) must not round it
 
     def forward(self, tokens=None, *, embeds=None, valid=None, cache=None, logits_at=None):
-        """tokens (B, S) or embeds (B, S, dim); valid (B, S) False at padding. logits_at: None (every position),
-        an index along S (-1: the last) or a bool (B, S) mask: only the rows read pay for the vocabulary head."""
+        """valid (B, S): False at padding. logits_at: an index along S or a bool (B, S) mask (None: every position);
+        only the rows read pay for the vocabulary head."""
         x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.embed_tokens.weight.dtype)
         B, S, _ = x.shape
         start, mask = 0 if cache is None else cache.len, None
@@ -348,8 +340,8 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None):
-        """Prompts LEFT-padded (every row's last position real), read inside prompt_scope (SpeechLM's partial LoRA)
-        -> each row's new tokens, stop token excluded; on_token(ids (B,), -1 for finished rows) streams them."""
+        """Prompts LEFT-padded, read inside prompt_scope (SpeechLM's partial LoRA) -> each row's new tokens;
+        on_token(ids (B,), -1 for finished rows) streams them."""
         x = tokens if embeds is None else embeds
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
         cache = KVCache(self.cfg, x.shape[0], x.shape[1] + max_new_tokens, x.device, self.embed_tokens.weight.dtype)

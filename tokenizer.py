@@ -55,11 +55,7 @@ class Tokenizer:
         return b"".join(b"[SPEECH]" if i == SPEECH else self._bytes[i] for i in ids).decode("utf-8", errors="replace")
 
     def token_id(self, name):
-        if name in self._by_name:
-            return self._by_name[name]
-        if name.encode() not in self._ranks:
-            raise KeyError(f"token {name!r} is not in this tokenizer")
-        return self._ids[self._ranks[name.encode()]]
+        return self._by_name[name] if name in self._by_name else self._ids[self._ranks[name.encode()]]
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """Messages -> ids in the family's chat format; a SPEECH content part becomes one SPEECH (-1) id.

@@ -1,7 +1,6 @@
-"""What both training scripts need but is not the lesson: torchrun set-up, the batch order, the learning rate
-schedule, checkpoints with exact resume, the log. Exact resume: the batch order is a function of (seed, step), and a
-checkpoint holds the trainable weights, the optimizer moments and every rank's RNG state, so a run killed at any
-moment and resumed ends bitwise equal to one that never stopped. A run folder: log.jsonl, checkpoints/step_NNNNNNN/."""
+"""What both training scripts need but is not the lesson: torchrun, the batch order, the learning rate, the log and
+checkpoints with exact resume: the batch order is a function of (seed, step) and a checkpoint holds every rank's RNG
+state, so a run killed at any moment and resumed ends bitwise equal to one that never stopped."""
 import atexit
 import contextlib
 import json
@@ -22,8 +21,7 @@ from data import atomic_write
 
 
 def init_distributed(device):
-    """-> (rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group, nccl on cuda (each
-    rank on its own GPU), gloo otherwise; outside it, rank 0 of 1."""
+    """-> (rank, world_size, device); under torchrun each rank on its own GPU (nccl), or gloo on CPUs."""
     cuda = device.type == "cuda"
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, device
@@ -75,7 +73,6 @@ def all_reduce_grads(params):
 
 
 def mean_over_ranks(sums, n):
-    """{name: sum over n steps} -> {name: mean over the steps and the ranks}."""
     keys, world = sorted(sums), _rank_world()[1]
     values = torch.tensor([sums[k] / n for k in keys], dtype=torch.float64)
     if world > 1:   # nccl reduces cuda tensors, gloo cpu ones
@@ -91,7 +88,6 @@ def any_rank(flag):
 
 
 def bf16_autocast(device, enabled=True):
-    """bf16 autocast for device, or a no-op where it does not apply (mps, old GPUs, disabled)."""
     device = torch.device(device)
     if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -99,7 +95,7 @@ def bf16_autocast(device, enabled=True):
 
 
 def plan(n_items, batch_size, grad_accum, max_steps, epochs):
-    """-> the number of optimizer steps: max_steps, or if that is 0, `epochs` passes over the items."""
+    """-> the number of optimizer steps: max_steps, or if 0, `epochs` passes over the items."""
     rank, world = _rank_world()
     if batch_size % (grad_accum * world) or n_items < batch_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of grad_accum {grad_accum} x "
@@ -143,8 +139,7 @@ def due(step, every, last):
     return step == last or (every > 0 and step % every == 0)
 
 
-def adamw(params, lr, weight_decay):
-    # Weight decay on matrices only, not on biases and norm gains (nanoGPT, and HF Trainer as the release used).
+def adamw(params, lr, weight_decay):   # decay on matrices only, as nanoGPT and the release's HF Trainer
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
@@ -158,7 +153,7 @@ def list_checkpoints(run_dir):
 
 
 def last_checkpoint(run_dir, resume):
-    """The newest checkpoint to resume from, or None. A fresh run refuses a folder with an earlier run's."""
+    """A fresh run refuses a folder with an earlier run's checkpoints."""
     ckpts = list_checkpoints(run_dir)
     if ckpts and not resume:
         raise FileExistsError(f"{Path(run_dir, 'checkpoints')} holds checkpoints of an earlier run: pass --resume, "
@@ -167,10 +162,9 @@ def last_checkpoint(run_dir, resume):
 
 
 def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
-    """-> (step, elapsed seconds): fresh, or the checkpoint's weights, optimizer and RNG state if it was trained on
-    the same `data` (n_items, batch_size). Rank 0 clears what a killed run wrote past the step."""
+    """-> (step, elapsed seconds): fresh, or the checkpoint's state if it was trained on the same `data` (n_items,
+    batch_size). Rank 0 clears what a killed run wrote past the step."""
     rank, world = _rank_world()
-    device = next(iter(trainable.values())).device
     step, elapsed = 0, 0.0
     if ckpt is None:
         torch.manual_seed(seed + rank)   # dropout masks differ between ranks; the batch order is (seed, step)
@@ -191,7 +185,7 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
         opt.load_state_dict(state["optimizer"])
         if rank < len(state["rng"]):
             torch.set_rng_state(state["rng"][rank]["cpu"])
-            if device.type == "cuda":
+            if (device := next(iter(trainable.values())).device).type == "cuda":
                 torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
         else:  # resumed on more ranks than saved: this rank's random stream starts afresh (not bitwise)
             print(f"rank {rank}: no saved RNG state in {ckpt}, reseeding")
@@ -216,9 +210,8 @@ def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    rngs = [rng]
+    rngs = [rng] * world   # all_gather_object overwrites each rank's entry
     if world > 1:
-        rngs = [None] * world
         dist.all_gather_object(rngs, rng)
     if rank != 0:
         return
@@ -238,8 +231,7 @@ def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
 
 
 def stop_signal():
-    """An event the first Ctrl-C (or SIGTERM) sets: the loop finishes its step, saves a checkpoint and stops,
-    so a checkpoint is never half an optimizer update. A second signal stops at once."""
+    """Set by the first Ctrl-C (or SIGTERM): the loop saves after its step, never half an update. A second quits."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -253,7 +245,6 @@ def stop_signal():
 
 
 def log_row(path, **row):
-    """One JSON line in the log (row has a step and a split), and the same on stdout."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"step {row['step']} {row['split']}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()

@@ -153,8 +153,6 @@ def test_lora_structure():
     m = dec.layers[0].self_attn.k_proj
     assert m.lora_A.shape == (4, 32) and m.lora_B.shape == (16, 4) and (m.lora_B == 0).all() and m.scale == 2.0
     assert m.bias is not None and "layers.0.self_attn.k_proj.weight" in dict(dec.named_parameters())
-    with pytest.raises(ValueError, match="already"):
-        add_lora(dec)
     with pytest.raises(ValueError, match="no nn.Linear"):
         add_lora(tiny_decoder(), targets=("wqkv",))
 
@@ -182,8 +180,6 @@ def test_lora_zero_init_and_partial_mask():
         assert torch.equal(part[:, :5], ref[:, :5])                          # before the slot: the base model
         assert (part[:, 5:] - ref[:, 5:]).abs().amax(dim=(0, 2)).min() > 1e-3   # the slot and all after it change
         assert torch.equal(dec(tokens), ref)                                 # and off again after the block
-        with pytest.raises(ValueError, match="speech mask"), partial_lora(dec, torch.ones(2, 11)):
-            dec(tokens)
 
 
 # ----------------------------------------------------------------------------- tokenizer, SpeechLM

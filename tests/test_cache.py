@@ -9,6 +9,7 @@ import torch
 
 import cache
 from data import N_SAMPLES, SAMPLE_RATE, load_audio, log_mel
+from adapter import SpeechLM
 from model import WhisperConfig, WhisperEncoder
 
 
@@ -19,7 +20,8 @@ def test_encode_clips_caches_each_clip_alone_and_skips_bad_ones(tmp_path, capsys
     for path, seconds in zip(clips, (0.7, 2.3, 31)):
         sf.write(path, 0.1 * torch.randn(int(seconds * SAMPLE_RATE)).numpy(), SAMPLE_RATE)
     paths = clips[:1] + [str(tmp_path / "missing.wav")] + clips[1:]
-    feats = cache.encode_clips(enc, paths, str(tmp_path / "feats"), "enc", batch_size=2)
+    encode = SpeechLM(enc, None, None, None).encode_audio   # real frames: the run's config does not say padded
+    feats = cache.encode_clips(encode, paths, str(tmp_path / "feats"), "enc", batch_size=2)
     err = capsys.readouterr().err
     assert feats[1] is None and "missing.wav: no such audio file" in err and "31.0 s is longer" in err
     feats = feats[:1] + feats[2:]
@@ -84,14 +86,15 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
     # the run's config says padded (a converted release) or not; unset means real frames; an explicit value wins.
     # The mode is part of the cache key, so features of one mode are never read back for the other
     seen = []
-    monkeypatch.setattr(cache, "encode_clips", lambda enc, paths, cache_dir, enc_id, padded, device:
-                        seen.append((enc_id, padded)) or [torch.zeros(1, 2)] * len(paths))
-    from adapter import SpeechLM
+    monkeypatch.setattr(cache, "encode_clips", lambda encode, paths, cache_dir, enc_id:
+                        seen.append((enc_id, encode(None))) or [torch.zeros(1, 2)] * len(paths))
 
     class Stub(SimpleNamespace):   # SpeechLM's own rule for how a run hears, without its networks
         padded = SpeechLM.padded
-    weight = SimpleNamespace(weight=torch.zeros(1))
-    model = Stub(encoder=None, decoder=SimpleNamespace(embed_tokens=weight), config={})
+
+        def encode_audio(self, clips, padded):
+            return padded
+    model = Stub(config={})
     for config_padded, explicit in ((None, None), (True, None), (False, None), (True, False)):
         model.config = {"whisper": str(tmp_path), **({} if config_padded is None else {"padded": config_padded})}
         kept, n_bad = cache.with_features(model, [{"audio": "x.wav"}], explicit)

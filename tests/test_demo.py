@@ -185,7 +185,7 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
     # the reply: this run's own, streamed (shown growing at least four times before the last), in the page
     system, user = chat.prompts(model)
     history = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    reply = chat.reply(model, ARGS, history, feats, stream=False)[0]
+    reply = chat.reply(model, ARGS, history, feats, show=lambda piece: None)
     print(f"reply: {reply!r}; {len(seen)} texts shown on the way")
     assert reply and same_text(seen[-1], reply), (seen[-1], reply)
     assert len(seen) >= 5 and all(" ".join(reply.split()).startswith(" ".join(s.split())) for s in seen), seen
@@ -211,8 +211,8 @@ def test_typed_follow_up_is_answered_with_the_history(page, model, server, turns
     page.fill("#message textarea", "Thank you. What should I do now?")
     seen, spoken_href = send_and_wait_for_reply(page, turns["spoken"])
     history = turns["history"] + [{"role": "user", "content": "Thank you. What should I do now?"}]
-    reply = chat.reply(model, ARGS, history, turns["feats"], stream=False)[0]
-    alone = chat.reply(model, ARGS, [history[0], history[-1]], [], stream=False)[0]
+    reply = chat.reply(model, ARGS, history, turns["feats"], show=lambda piece: None)
+    alone = chat.reply(model, ARGS, [history[0], history[-1]], [], show=lambda piece: None)
     print(f"follow-up: {reply!r}")
     assert page.locator("#conversation [data-testid=bot]").count() == 2
     assert same_text(seen[-1], reply) and reply != alone   # the first turn is really in the prompt
