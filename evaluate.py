@@ -377,7 +377,7 @@ def main():
     # Stage 1: the reply to the speech beside the reply to its transcript, real human and held-out synthetic clips.
     m1 = load(stage1)
     s1 = json.load(open(os.path.join(stage1, "summary.json")))
-    report.update(kl_start=s1.get("kl_start"), kl_end=s1.get("kl_end"))
+    report.update(ctc_start=s1.get("ctc_start"), ctc_end=s1.get("ctc_end"), kl_start=s1.get("kl_start"), kl_end=s1.get("kl_end"))
     side_by_side = []
     for manifest in (real_manifest, asr_manifest):
         if not os.path.exists(manifest):
@@ -491,7 +491,9 @@ def write_markdown(r, path):
     pct = lambda x: "n/a" if x is None else f"{x:.1%}"   # noqa: E731
     signed = lambda x: "n/a" if x is None else f"{x:+.3f}"   # noqa: E731
     lines = ["# BLSP-Emo in the small: report", "",
-             f"- stage 1 held-out KL: {r['kl_start']:.3f} at step 0 -> {r['kl_end']:.3f} at the end",
+             f"- stage 1 held-out KL: {r['kl_start']:.3f} at step 0 -> {r['kl_end']:.3f} at the end"
+             + (f" (step 0 follows the CTC warm-up: CTC {r['ctc_start']:.3f} -> {r['ctc_end']:.3f})"
+                if r.get("ctc_end") is not None else ""),
              f"- emotion head accuracy: {pct(r['ser_head_acc'])} on held-out espeak voices, "
              f"{pct(r.get('head_acc_other_engine'))} on another speech engine (never trained on)",
              f"- free-text SER accuracy: stage 2 {pct(r['ser_text_acc'])}, stage 1 only {pct(r['ser_text_acc_stage1'])}; "

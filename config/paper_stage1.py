@@ -28,3 +28,4 @@ grad_clip = 1.0
 log_interval = 20
 ckpt_interval = 200
 seed = 1
+ctc_steps = 0               # the paper has no warm-up

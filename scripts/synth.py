@@ -9,6 +9,8 @@ words never carry the emotion: only pitch, range, rate, loudness, pauses, intona
 Writes under out/ (paths in the manifests are out/<set>/<clip>.flac, as `out` was given):
     asr_train/ asr_test/ emo_train/ emo_test/   16 kHz mono FLAC clips
     asr_train.jsonl asr_test.jsonl              {"audio","text"}                      neutral, stage 1
+    asr_mix/ asr_mix.jsonl                      {"audio","text"}  new sentences recombined from the training
+                                                sentences' words, for stage 1's CTC warm-up (recombine below)
     emo_train.jsonl emo_test.jsonl              {"audio","text","emotion","voice"}    stage 2
                                                 (emo_train rows also name their augmentations: "aug")
     emo_train_flite/                            emo_train's rows spoken again by a second engine, CMU Flite
@@ -281,7 +283,30 @@ def write_flac(path, audio):
 # ---------------------------------------------------------------------------------------------------------
 # the sets
 
-def make_plan(seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_test_sentences=20):
+def recombine(sentences, n, seed=0):
+    """n new sentences walked from an order-2 Markov chain over the words of `sentences`, none of them one of
+    `sentences` or a test sentence. Same words, new orders: a model that spells these must learn words, where
+    379 sentences heard twice each are learnt whole. The k-th depends only on (seed, k)."""
+    chain = {}
+    for s in sentences:
+        w = ["<s>", "<s>"] + s.split() + ["</s>"]
+        for a, b, c in zip(w, w[1:], w[2:]):
+            chain.setdefault((a, b), []).append(c)
+    g = np.random.default_rng([seed, 2])
+    seen, out = set(sentences) | {s for _, s in load_sentences()[1]}, []
+    while len(out) < n:
+        a, b, words = "<s>", "<s>", []
+        while len(words) < 20 and (c := chain[(a, b)][g.integers(len(chain[(a, b)]))]) != "</s>":
+            words.append(c)
+            a, b = b, c
+        s = " ".join(words)
+        if 4 <= len(words) <= 16 and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def make_plan(seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_test_sentences=20, n_asr_mix=3000):
     """-> {set name: [clip dict(id, text, sentence, voice, emotion)]}. The k-th clip of a set depends only on
     (seed, k), never on the set sizes, so growing a set keeps every clip already written."""
     train_s, test_s = load_sentences()
@@ -307,6 +332,10 @@ def make_plan(seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_t
                       for k in range(n_emo_train)],
         "emo_test": [clip(k, s, v, e) for k, (s, v, e) in enumerate(
             (s, v, e) for s in te[:n_emo_test_sentences] for v in TEST_VOICES for e in RECIPES)],
+        # every other clip in an emotion's recipe: the warm-up hears words in every tempo and pitch
+        "asr_mix": [dict(id=f"{k:05d}_mix_{v}_{e}", text=s, sentence=-1, voice=v, emotion=e)
+                    for k, s in enumerate(recombine([s for _, s in train_s], n_asr_mix, seed))
+                    for v, e in [(tv[k % nv], list(RECIPES)[(k // 2) % 5] if k % 2 else "neutral")]],
     }
     return plan
 
@@ -326,7 +355,8 @@ def _render(job):
 
 
 def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_test_sentences=20,
-                workers=None, real=True, progress=True, augment=True, other=True, n_emo_train_flite=None):
+                n_asr_mix=3000, workers=None, real=True, progress=True, augment=True, other=True,
+                n_emo_train_flite=None):
     """Synthesize every set under `out` and write the manifests. -> dict(set name -> manifest path, stats...).
     augment: augment the emo_train clips (never the test sets); other: also make emo_other (make_other) when
     piper-tts is installed; n_emo_train_flite: flite clips for the first that many emo_train rows (None: all of
@@ -354,7 +384,7 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
         if diff:
             raise ValueError(f"{out} was made with other {', '.join(diff)} (seed {old.get('seed')}): remove the "
                              f"folder, or pass the settings it was made with")
-    plan = make_plan(seed, n_asr_train, n_asr_test, n_emo_train, n_emo_test_sentences)
+    plan = make_plan(seed, n_asr_train, n_asr_test, n_emo_train, n_emo_test_sentences, n_asr_mix)
     sets = [(name, name, clips, synthesize) for name, clips in plan.items()]  # (manifest, folder, clips, engine)
     flite = flite_plan(plan["emo_train"][:n_emo_train_flite])
     # flite is fetched only for clips not yet written: a rerun needs neither apt-get nor the unpacked copy
@@ -408,6 +438,7 @@ def make_speech(out="speech", seed=0, n_asr_train=600, n_asr_test=100, n_emo_tra
                  flite_clips=len(flite) if root else 0)
     with open(stamp, "w") as f:
         json.dump(dict(made_by, n_asr_train=n_asr_train, n_asr_test=n_asr_test, n_emo_train=n_emo_train,
+                       n_asr_mix=n_asr_mix,
                        n_emo_train_flite=n_emo_train_flite, n_emo_test_sentences=n_emo_test_sentences,
                        last_run=stats), f, indent=1)
     if progress:

@@ -47,7 +47,7 @@ def test_end_to_end_smoke(tmp_path):
     t0 = time.time()
     speech = tmp_path / "speech"
     sets = synth.make_speech(str(speech), n_asr_train=16, n_asr_test=8, n_emo_train=20, n_emo_test_sentences=2,
-                             workers=2, real=False, progress=False)
+                             n_asr_mix=8, workers=2, real=False, progress=False)
     # "real" human clips: a stand-in manifest in the same format (fetching LibriVox is not a unit test's job)
     real = speech / "real.jsonl"
     real.write_text("".join(json.dumps(dict(json.loads(ln), source="stand-in")) + "\n"
@@ -59,7 +59,8 @@ def test_end_to_end_smoke(tmp_path):
     script(tmp_path, "train_semantic.py", f"--whisper={models['whisper']}", f"--llm={models['llm']}",
            f"--train_manifest={sets['asr_train']}", f"--eval_manifest={sets['asr_test']}",
            f"--out_dir={runs / 'semantic'}", "--max_steps=8", "--eval_interval=4", "--ckpt_interval=4",
-           "--max_eval=8", "--lr=3e-3", *tiny_loop)
+           "--max_eval=8", "--lr=3e-3", f"--ctc_manifest={sets['asr_mix']}", "--ctc_steps=4", "--ctc_batch_size=4",
+           *tiny_loop)
     script(tmp_path, "train_emotion.py", f"--init_from={runs / 'semantic'}", f"--train_manifest={sets['emo_train']}",
            f"--eval_manifest={sets['emo_test']}", f"--out_dir={runs / 'emotion'}", "--max_steps=6",
            "--eval_interval=3", "--ckpt_interval=3", "--lora_r=4", "--lora_alpha=8", *tiny_loop)
@@ -83,7 +84,8 @@ def test_end_to_end_smoke(tmp_path):
         assert len(targets) >= n_items and all(t["target"] for t in targets)
     # encoder features were cached under the cwd (tmp_path), one file per distinct clip
     feats = list((tmp_path / ".cache" / "features").glob("*.safetensors"))
-    assert len(feats) == 16 + 8 + 20 + 20 + 10   # + emo_other: the 2 test sentences x 5 by the other engine
+    # + flite: one per emo_train row; + asr_mix; + emo_other: the 2 test sentences x 5 by the other engine
+    assert len(feats) == 16 + 8 + 20 + 20 + 20 + 8 + 10
 
     # the report: every field present and sane
     r = json.loads((runs / "demo" / "report.json").read_text())

@@ -11,7 +11,7 @@ import soundfile as sf
 import synth
 from data import EMOTIONS
 
-TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, real=False, progress=False,
+TINY = dict(n_asr_train=4, n_asr_test=2, n_emo_train=5, n_emo_test_sentences=1, n_asr_mix=3, real=False, progress=False,
             other=False, n_emo_train_flite=0)  # espeak alone; the flite clips have their tests at the end
 EMO_ROW = {"audio", "text", "emotion", "voice"}
 
@@ -26,10 +26,10 @@ def test_same_seed_same_bytes_and_reruns_skip(tmp_path):
     ra = synth.make_speech(a, seed=3, workers=1, **TINY)
     synth.make_speech(b, seed=3, workers=2, **TINY)  # other processes, other order: still the same bytes
     fa = files(a)
-    assert len(fa) == 4 + 2 + 5 + 10 + 4
+    assert len(fa) == 4 + 2 + 5 + 10 + 3 + 5   # the clips of the five sets, their manifests and synth.json
     fb = {k: v.replace(b.encode(), a.encode()) for k, v in files(b).items()}  # manifests hold the folder name
     assert fa == fb
-    assert ra["stats"]["new"] == 21
+    assert ra["stats"]["new"] == 24
     again = synth.make_speech(a, seed=3, workers=1, **TINY)
     assert again["stats"]["new"] == 0 and files(a) == fa
     synth.make_speech(c, seed=4, workers=1, **TINY)
@@ -74,10 +74,22 @@ def test_augmentation_is_for_emo_train_only(tmp_path):
         synth.make_speech(a, seed=0, workers=1, augment=False, **TINY)
 
 
+def test_recombined_sentences_are_new_orders_of_training_words():
+    train_s, test_s = synth.load_sentences()
+    train = [s for _, s in train_s]
+    mix = synth.recombine(train, 300, seed=0)
+    assert len(set(mix)) == 300 and not set(mix) & (set(train) | {s for _, s in test_s})
+    words = {w for s in train for w in s.split()}
+    assert all(w in words and 4 <= len(s.split()) <= 16 for s in mix for w in s.split())
+    assert synth.recombine(train, 50, seed=0) == mix[:50]           # growing the set keeps its clips
+    assert synth.recombine(train, 50, seed=1) != mix[:50]
+
+
 def test_split_shares_no_voice_and_no_sentence():
     plan = synth.make_plan(seed=0)  # the default sizes
-    assert {k: len(v) for k, v in plan.items()} == dict(asr_train=600, asr_test=100, emo_train=1000, emo_test=200)
-    train = plan["asr_train"] + plan["emo_train"]
+    assert {k: len(v) for k, v in plan.items()} == dict(asr_train=600, asr_test=100, emo_train=1000, emo_test=200,
+                                                               asr_mix=3000)
+    train = plan["asr_train"] + plan["emo_train"] + plan["asr_mix"]
     test = plan["asr_test"] + plan["emo_test"]
     assert not {c["voice"] for c in train} & {c["voice"] for c in test}
     assert not {c["text"] for c in train} & {c["text"] for c in test}

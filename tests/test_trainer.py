@@ -85,12 +85,25 @@ def run(speech, script, *args, at=0, sig="SIGKILL", nproc=1):
 
 def semantic_args(speech, out_dir, *extra):
     return [f"--whisper={speech['whisper']}", f"--llm={speech['llm']}", f"--train_manifest={speech['train']}",
-            f"--eval_manifest={speech['test']}", f"--out_dir={out_dir}", "--max_new_tokens=8", "--dtype=fp32", *extra]
+            f"--eval_manifest={speech['test']}", f"--out_dir={out_dir}", "--max_new_tokens=8", "--dtype=fp32",
+            "--ctc_steps=0", *extra]   # the CTC warm-up has its own test
 
 
 def log_rows(run_dir, split="train"):
     rows = map(json.loads, (Path(run_dir) / "log.jsonl").read_text().splitlines())
     return [r for r in rows if r["split"] == split]
+
+
+def test_ctc_warmup_learns_to_spell_before_the_kl(speech):
+    out = speech["root"] / "ctc"
+    args = semantic_args(speech, out, "--max_train=8", "--max_eval=4", "--batch_size=4", "--max_steps=1",
+                         "--ctc_manifest=", "--ctc_steps=40", "--ctc_batch_size=8", "--ctc_lr=1e-2")
+    p = run(speech, "train_semantic.py", *args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ctc_end"] < summary["ctc_start"] / 2, summary   # the adapter's frames spell the transcripts
+    p = run(speech, "train_semantic.py", *args, "--resume")
+    assert p.returncode == 0 and "CTC warm-up" not in p.stderr   # a resumed run keeps its adapter: no second warm-up
 
 
 def test_stage1_learns_and_writes_its_run_folder(speech):
