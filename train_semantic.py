@@ -102,26 +102,27 @@ def ctc_warmup(model, rows):
     vocab = sorted({t for row in ids for t in row})
     index = {t: i + 1 for i, t in enumerate(vocab)}            # 0: the blank
     table = model.decoder.embed_tokens.weight.detach()[vocab].float()
+    spelled = [torch.tensor([index[t] for t in row], device=table.device) for row in ids]
     blank = torch.zeros(1, table.shape[1], device=table.device, requires_grad=True)
     params = list(model.adapter.parameters()) + [blank]
     opt = adamw(params, ctc_lr, weight_decay)
-    g, losses = torch.Generator().manual_seed(seed), []
+    g, history = torch.Generator().manual_seed(seed), []
     for step in (bar := tqdm(range(ctc_steps), desc="CTC warm-up", unit="step")):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, ctc_lr, ctc_lr / 10, 50, ctc_steps)
         batch = torch.randint(len(rows), (ctc_batch_size,), generator=g).tolist()
         frames, lengths = model.speech_embeds([rows[i]["feats"] for i in batch])
         logp = (frames.float() @ torch.cat([blank, table]).T).log_softmax(-1)
-        targets = [torch.tensor([index[t] for t in ids[i]], device=table.device) for i in batch]
+        targets = [spelled[i] for i in batch]
         loss = F.ctc_loss(logp.transpose(0, 1), torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]),
                           zero_infinity=True)   # a clip too short for its transcript adds nothing
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(ctc=f"{losses[-1]:.3f}")
-    return losses[0], losses[-1]
+        history.append(loss.item())
+        bar.set_postfix(ctc=f"{history[-1]:.3f}")
+    return history[0], history[-1]
 
 
 @torch.no_grad()

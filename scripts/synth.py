@@ -283,17 +283,17 @@ def write_flac(path, audio):
 # ---------------------------------------------------------------------------------------------------------
 # the sets
 
-def recombine(sentences, n, seed=0):
+def recombine(sentences, n, seed=0, exclude=()):
     """n new sentences walked from an order-2 Markov chain over the words of `sentences`, none of them one of
-    `sentences` or a test sentence. Same words, new orders: a model that spells these must learn words, where
-    379 sentences heard twice each are learnt whole. The k-th depends only on (seed, k)."""
+    `sentences` or of `exclude` (the test sentences). Same words, new orders: a model that spells these must learn
+    words, where 379 sentences heard twice each are learnt whole. The k-th depends only on (seed, k)."""
     chain = {}
     for s in sentences:
         w = ["<s>", "<s>"] + s.split() + ["</s>"]
         for a, b, c in zip(w, w[1:], w[2:]):
             chain.setdefault((a, b), []).append(c)
     g = np.random.default_rng([seed, 2])
-    seen, out = set(sentences) | {s for _, s in load_sentences()[1]}, []
+    seen, out = set(sentences) | set(exclude), []
     while len(out) < n:
         a, b, words = "<s>", "<s>", []
         while len(words) < 20 and (c := chain[(a, b)][g.integers(len(chain[(a, b)]))]) != "</s>":
@@ -334,7 +334,8 @@ def make_plan(seed=0, n_asr_train=600, n_asr_test=100, n_emo_train=1000, n_emo_t
             (s, v, e) for s in te[:n_emo_test_sentences] for v in TEST_VOICES for e in RECIPES)],
         # every other clip in an emotion's recipe: the warm-up hears words in every tempo and pitch
         "asr_mix": [dict(id=f"{k:05d}_mix_{v}_{e}", text=s, sentence=-1, voice=v, emotion=e)
-                    for k, s in enumerate(recombine([s for _, s in train_s], n_asr_mix, seed))
+                    for k, s in enumerate(recombine([s for _, s in train_s], n_asr_mix, seed,
+                                                    exclude=[s for _, s in test_s]))
                     for v, e in [(tv[k % nv], list(RECIPES)[(k // 2) % 5] if k % 2 else "neutral")]],
     }
     return plan
