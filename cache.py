@@ -1,5 +1,5 @@
-"""What both training stages compute once from the frozen networks and keep on disk: each clip's encoder features,
-and the LLM's targets, appended line by line so that a rerun continues where the last one stopped."""
+"""The training data of both stages: manifest rows, each clip's encoder features and the LLM's targets (computed
+once from the frozen networks, kept on disk, appended so a rerun continues where the last stopped), the examples."""
 import hashlib
 import json
 import os
@@ -11,11 +11,35 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, pad_batch
+from data import EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, pad_batch
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
             "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
+
+
+def read_manifest(path):
+    """JSON lines -> dicts; a bad line is a ValueError naming file:line."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rows[-1]).__name__}")
+    return rows
+
+
+def emotion_label(name, mapping=None, where="manifest"):
+    """An emotion name, folded through a dataset's mapping (e.g. {"excited": "happy"}) -> its id in EMOTIONS."""
+    e = (mapping or {}).get(name, name)
+    if e not in EMOTIONS:
+        raise ValueError(f"{where}: unknown emotion {name!r}; allowed: {', '.join(EMOTIONS)} "
+                         f"(fold other labels in with --map=\"{{'{name}': 'happy'}}\")")
+    return EMOTIONS.index(e)
 
 
 def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) and the mode
@@ -141,6 +165,14 @@ def trim_repeats(text):
         seen.add(key)
         kept.append(p)
     return text, False
+
+
+def make_example(tok, system, user_parts, target, truncated=False):
+    """(ids with SPEECH slots, labels): IGNORE but on the target and the closing tokens, unless the target was cut."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_parts}]
+    prompt = tok.encode_chat(messages, add_generation_prompt=True)
+    answer = tok.encode(target) + ([] if truncated else tok.closing_ids)
+    return prompt + answer, [IGNORE] * len(prompt) + answer
 
 
 def training_items(rows, targets, make_examples, n_unreadable, where, max_text_tokens=0):

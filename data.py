@@ -1,5 +1,4 @@
-# The front end: wav -> 16 kHz mono -> Whisper log-mel; the prompts of both stages; the training example; files.
-import json
+# The front end: wav -> 16 kHz mono -> Whisper log-mel; the prompts of both stages; batches; files.
 import os
 from functools import lru_cache
 
@@ -38,11 +37,6 @@ def emotion_target_messages(text, emotion, paper=False):
     LLM repeats the sentence whatever the label, so the default asks for a reply to it said in that voice."""
     user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"{text} (said in a {emotion} voice)"
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
-def emotion_student_parts(paper=False):
-    """The user turn in which stage 2's speech model hears the clip (neither the words nor the label)."""
-    return [CONTINUE_HEARD_EMOTION, SPEECH] if paper else [SPEECH]
 
 
 class AudioError(ValueError):   # a file that cannot be used as speech; the message names it
@@ -114,14 +108,6 @@ def log_mel_batch(clips, n_mels=80, pad_to_30s=True):
     return torch.stack([F.pad(m, (0, T - m.shape[-1])) for m in mels]), lengths
 
 
-def make_example(tok, system, user_parts, target, truncated=False):
-    """(ids with SPEECH slots, labels): IGNORE but on the target and the closing tokens, unless the target was cut."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user_parts}]
-    prompt = tok.encode_chat(messages, add_generation_prompt=True)
-    answer = tok.encode(target) + ([] if truncated else tok.closing_ids)
-    return prompt + answer, [IGNORE] * len(prompt) + answer
-
-
 def pad_batch(rows, pad_id, labels=None, side="right"):
     """-> (ids, labels or None, valid), each (B, S); generation pads left."""
     S = max(len(r) for r in rows)
@@ -131,15 +117,6 @@ def pad_batch(rows, pad_id, labels=None, side="right"):
     ids = torch.tensor([pad(r, pad_id) for r in rows], dtype=torch.long)
     valid = torch.tensor([pad([True] * len(r), False) for r in rows], dtype=torch.bool)
     return ids, None if labels is None else torch.tensor([pad(l, IGNORE) for l in labels], dtype=torch.long), valid
-
-
-def emotion_label(name, mapping=None, where="manifest"):
-    """An emotion name, folded through a dataset's mapping (e.g. {"excited": "happy"}) -> its id in EMOTIONS."""
-    e = (mapping or {}).get(name, name)
-    if e not in EMOTIONS:
-        raise ValueError(f"{where}: unknown emotion {name!r}; allowed: {', '.join(EMOTIONS)} "
-                         f"(fold other labels in with --map=\"{{'{name}': 'happy'}}\")")
-    return EMOTIONS.index(e)
 
 
 def atomic_write(path, write):
@@ -153,18 +130,3 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):   # write failed or was interrupted
             os.remove(tmp)
-
-
-def read_manifest(path):
-    """JSON lines -> dicts; a bad line is a ValueError naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-    rows = []
-    for n, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(rows[-1], dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rows[-1]).__name__}")
-    return rows

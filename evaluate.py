@@ -24,8 +24,8 @@ import torch
 
 import cache
 import data
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT,
-                  emotion_label, make_example, read_manifest)
+from cache import emotion_label, make_example, read_manifest
+from data import CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT
 from trainer import peak_rss_gb
 
 # The authors' SER question.

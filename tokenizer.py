@@ -27,7 +27,7 @@ class Tokenizer:
         self._plain_added = set(meta["plain"])  # added but not special: HF matches them even in user text
         self.nfc, self.template = meta["nfc"], meta["template"]
         self.eos_ids, self.pad_id, self.vocab_size = meta["eos_ids"], meta["pad_id"], max(self._bytes) + 1
-        # what make_example appends after a complete target: the turn's end, so the model learns to stop
+        # what cache.make_example appends after a complete target: the turn's end, so the model learns to stop
         end = {"llama3": "<|eot_id|>", "chatml": "<|im_end|>\n" + ("<|endoftext|>" if "<|endoftext|>" in added else "")}
         self.closing_ids = self.encode(end[self.template], True) if self.template in end else self.eos_ids[:1]
 

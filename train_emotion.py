@@ -17,8 +17,7 @@ from tqdm import tqdm
 import cache
 from adapter import SpeechLM, ce_loss, emotion_loss
 from configurator import configure
-from data import (EMOTION_SYSTEM_PROMPT, EMOTIONS, emotion_label, emotion_student_parts, emotion_target_messages,
-                  make_example, read_manifest)
+from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, emotion_target_messages
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
                      last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
@@ -76,18 +75,18 @@ def prompt_for_target(item):
 
 def load_items(model, manifest, limit, run_dir):
     """Manifest rows -> items with their label, encoder features and the LLM's target."""
-    rows = cache.drop_by_duration(read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
+    rows = cache.drop_by_duration(cache.read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     for n, r in enumerate(rows, 1):
-        r["label"] = emotion_label(r["emotion"], map, f"{manifest}:{n}")
+        r["label"] = cache.emotion_label(r["emotion"], map, f"{manifest}:{n}")
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
+    heard = [CONTINUE_HEARD_EMOTION, SPEECH] if paper_prompts else [SPEECH]   # neither the words nor the label
     def examples(row, t):
         system, user = (m["content"] for m in prompt_for_target(row))   # what the LLM read to write the target
-        return dict(teacher=make_example(model.tok, system, [user], t["target"], t["truncated"]),
-                    student=make_example(model.tok, EMOTION_SYSTEM_PROMPT, emotion_student_parts(paper_prompts),
-                                         t["target"], t["truncated"]))
+        return dict(teacher=cache.make_example(model.tok, system, [user], t["target"], t["truncated"]),
+                    student=cache.make_example(model.tok, EMOTION_SYSTEM_PROMPT, heard, t["target"], t["truncated"]))
     return cache.training_items(rows, targets, examples, n_bad, manifest, max_text_tokens)
 
 

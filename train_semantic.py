@@ -19,7 +19,7 @@ from tqdm import tqdm
 import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
-from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages, make_example, read_manifest
+from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
                      last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
@@ -74,15 +74,15 @@ config = configure(globals(), sys.argv[1:])
 
 def load_items(model, manifest, limit, run_dir):
     """Manifest rows -> items with encoder features, the LLM's continuation and both prompts."""
-    rows = cache.drop_by_duration(read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
+    rows = cache.drop_by_duration(cache.read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
         lambda row: continue_target_messages(row["text"]),
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
-        return {name: make_example(model.tok, SYSTEM_PROMPT, parts, t["target"], t["truncated"]) for name, parts in
-                (("teacher", [CONTINUE + row["text"]]), ("student", [CONTINUE, SPEECH]))}
+        return {name: cache.make_example(model.tok, SYSTEM_PROMPT, parts, t["target"], t["truncated"])
+                for name, parts in (("teacher", [CONTINUE + row["text"]]), ("student", [CONTINUE, SPEECH]))}
     return cache.training_items(rows, targets, examples, n_bad, manifest, max_text_tokens)
 
 
@@ -149,7 +149,7 @@ def main():
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     ctc = (None, None)
     if ckpt is None and ctc_steps:   # before start_or_resume, which hands every rank rank 0's adapter
-        mix = read_manifest(ctc_manifest) if ctc_manifest else []
+        mix = cache.read_manifest(ctc_manifest) if ctc_manifest else []
         ctc = ctc_warmup(model, rank0_first(lambda: cache.with_features(model, mix, padded))[0] + items)
     step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
     log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")

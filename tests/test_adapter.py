@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import adapter
+import cache
 import convert
 import data
 from tokenizer import Tokenizer
@@ -227,7 +228,7 @@ def tiny_lm(tok, lora=False, head=False, seed=0):
 
 
 def test_chatml_layout_around_the_speech_slot(tok):
-    ids, labels = data.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION, data.SPEECH], "hello world.")
+    ids, labels = cache.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION, data.SPEECH], "hello world.")
     assert ids.count(data.SPEECH) == 1
     k = ids.index(data.SPEECH)
     assert tok.decode(ids[:k]) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -260,7 +261,7 @@ def test_chatml_layout_around_the_speech_slot(tok):
 
 def test_splice_batches_equal_rows_alone(tok):
     lm = tiny_lm(tok)
-    rows, labs = zip(*[data.make_example(tok, data.SYSTEM_PROMPT, [instr, data.SPEECH], tgt) for instr, tgt in
+    rows, labs = zip(*[cache.make_example(tok, data.SYSTEM_PROMPT, [instr, data.SPEECH], tgt) for instr, tgt in
                        [(INSTRUCTION, "the cat sat."), ("hello ", "a mat on the mat, the cat.")]])
     speech = [torch.randn(3, 32), torch.randn(6, 32)]
     with torch.no_grad():
@@ -342,8 +343,8 @@ def test_stage1_step_teacher_and_student_line_up(tok):
     assert list(lm.trainable_parameters()) == [n for n, _ in lm.named_parameters() if n.startswith("adapter.")]
     text = ["the cat sat on the mat", "hello world"]
     targets = [("the cat.", False), ("on the mat, the", True)]           # the second one was cut off
-    teacher = [data.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION + x], t, tr) for x, (t, tr) in zip(text, targets)]
-    student = [data.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION, data.SPEECH], t, tr) for t, tr in targets]
+    teacher = [cache.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION + x], t, tr) for x, (t, tr) in zip(text, targets)]
+    student = [cache.make_example(tok, data.SYSTEM_PROMPT, [INSTRUCTION, data.SPEECH], t, tr) for t, tr in targets]
     with torch.no_grad():
         t = lm.response_logits(teacher)
     s = lm.response_logits(student, [torch.randn(50, 16), torch.randn(20, 16)])
@@ -371,7 +372,7 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     assert lm.emotion_head.weight.shape == (5, 32) and lm.decoder.layers[0].self_attn.o_proj.lora_A.dtype == torch.float32
     names = lm.trainable_parameters()
     assert len(names) == 10 + 1 + 2 * 7 * 2 and all(not p.requires_grad for p in lm.encoder.parameters())
-    examples = [data.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
+    examples = [cache.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
     s = lm.response_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
     loss = ce_loss(s["logits"], s["targets"]) + emotion_loss(lm.emotion_logits(s["embeds"], s["lengths"]), [1, 3])

@@ -12,9 +12,11 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+import cache
 import convert
 import data
-from data import SPEECH, AudioError, load_audio, log_mel, log_mel_batch, make_example
+from cache import make_example
+from data import SPEECH, AudioError, load_audio, log_mel, log_mel_batch
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------- audio
@@ -380,15 +382,15 @@ def test_pad_batch():
 def test_read_manifest(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"audio": "a.wav", "text": "hi", "emotion": "sad"}\n\n{"audio": "b.wav"}\n')
-    rows = data.read_manifest(p)
+    rows = cache.read_manifest(p)
     assert rows == [{"audio": "a.wav", "text": "hi", "emotion": "sad"}, {"audio": "b.wav"}]
     assert data.EMOTIONS.index(rows[0]["emotion"]) == 3
     p.write_text('{"audio": "a.wav"}\n\n{"audio": b.wav}\n')
     with pytest.raises(ValueError, match=r"m.jsonl:3"):
-        data.read_manifest(p)
+        cache.read_manifest(p)
     p.write_text('["a.wav"]\n')
     with pytest.raises(ValueError, match=r"m.jsonl:1: expected a JSON object"):
-        data.read_manifest(p)
+        cache.read_manifest(p)
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path):

@@ -184,7 +184,7 @@ def split(tok, example):
 
 def test_reply_logprobs_is_the_decoders_own_likelihood(model):
     # text rows: against one plain decoder forward per row (no splice, no batching, no gathering)
-    ex = [data.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE + t], r, truncated=tr)
+    ex = [cache.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE + t], r, truncated=tr)
           for t, r, tr in (("the cat", "sat on the mat.", True), ("hello", "world", False), ("a mat", "the cat sat", True))]
     got = ev.reply_logprobs(model, ex, batch_size=2)      # a ragged last batch
     for (ids, labels), (s, n) in zip(ex, got):
@@ -197,7 +197,7 @@ def test_reply_logprobs_is_the_decoders_own_likelihood(model):
     assert [n for _, n in got] == n_tokens
     # speech rows: each example alone == all in one batch (clips of different lengths: padding must not leak)
     its = items(1, seed=5)
-    sx = [data.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], f"the cat {k}", truncated=True)
+    sx = [cache.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], f"the cat {k}", truncated=True)
           for k in range(len(its))]
     feats = [it["feats"] for it in its]
     alone = [ev.reply_logprobs(model, [e], [f])[0] for e, f in zip(sx, feats)]

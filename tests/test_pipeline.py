@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cache
 import data
 import synth
 import tiny
@@ -130,8 +131,8 @@ def test_stage1_adapter_fits_its_training_items(tmp_path, one_thread):
     targets = ["on the mat.", "hello cat.", "the cat sat on the mat.", "hello world.", "the world.", "a mat.",
                "cat.", "on the hello."]
     g = torch.Generator().manual_seed(1)
-    items = [dict(teacher=data.make_example(lm.tok, data.SYSTEM_PROMPT, [data.CONTINUE + x], y),
-                  student=data.make_example(lm.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], y),
+    items = [dict(teacher=cache.make_example(lm.tok, data.SYSTEM_PROMPT, [data.CONTINUE + x], y),
+                  student=cache.make_example(lm.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], y),
                   feats=torch.randn(30 + 7 * k, 16, generator=g)) for k, (x, y) in enumerate(zip(texts, targets))]
 
     def loss_fn(batch):   # train_semantic.losses, without the script's globals
