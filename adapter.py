@@ -114,12 +114,8 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
 
 
 def ce_loss(logits, targets):
-    """Cross-entropy at the response positions, the mean over the target tokens (the release's response_ce)."""
+    """The mean cross-entropy over the targets: the release's response_ce, and the emotion head's loss."""
     return F.cross_entropy(logits.float(), targets)
-
-
-def emotion_loss(logits, labels):
-    return F.cross_entropy(logits.float(), torch.as_tensor(labels, device=logits.device))
 
 
 class SpeechLM(nn.Module):

@@ -15,13 +15,13 @@ import torch
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM, ce_loss, emotion_loss
+from adapter import SpeechLM, ce_loss
 from configurator import configure
 from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, emotion_target_messages
 from model import pick_device
-from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
-                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
-                     rank0_first, save_checkpoint, start_or_resume, stop_signal)
+from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
+                     init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
+                     plan, rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_emotion.py --key=value overrides any of these ----
 init_from = "runs/semantic"     # the stage-1 run (its adapter, encoder and LLM)
@@ -90,13 +90,17 @@ def load_items(model, manifest, limit, run_dir):
     return cache.training_items(rows, targets, examples, n_bad, manifest, max_text_tokens)
 
 
+def head_loss(model, embeds, lengths, batch):
+    """The emotion head's loss and accuracy on the adapter output."""
+    logits = model.emotion_logits(embeds, lengths)
+    labels = torch.tensor([b["label"] for b in batch], device=logits.device)
+    return ce_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().item()
+
+
 def losses(model, batch):
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
     ce = ce_loss(s["logits"], s["targets"])
-    emo_logits = model.emotion_logits(s["embeds"], s["lengths"])
-    labels = torch.tensor([b["label"] for b in batch], device=emo_logits.device)
-    emo = emotion_loss(emo_logits, labels)
-    acc = (emo_logits.argmax(-1) == labels).float().mean().item()
+    emo, acc = head_loss(model, s["embeds"], s["lengths"], batch)
     return ce + emotion_loss_weight * emo, {"ce": ce.item(), "emotion": emo.item(), "head_acc": acc}
 
 
@@ -108,24 +112,12 @@ def warm_up_head(model, items):
     bar = tqdm(range(head_warmup_steps), desc="emotion head warm-up", unit="step")
     for step in bar:
         batch = [items[i] for i in torch.randint(len(items), (32,), generator=g).tolist()]
-        emb, lengths = model.speech_embeds([b["feats"] for b in batch])
-        logits = model.emotion_logits(emb, lengths)
-        labels = torch.tensor([b["label"] for b in batch], device=logits.device)
-        loss = emotion_loss(logits, labels)
+        loss, acc = head_loss(model, *model.speech_embeds([b["feats"] for b in batch]), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(named.values(), grad_clip)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{(logits.argmax(-1) == labels).float().mean():.2f}")
-
-
-@torch.no_grad()
-def evaluate(model, held_out, ctx):
-    model.eval()
-    with ctx:
-        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
-    model.train()
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
 
 
 def main():
@@ -173,7 +165,7 @@ def main():
             if rank == 0:
                 log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
         if held_out and due(step, eval_interval, steps):
-            last_eval = evaluate(model, held_out, ctx)
+            last_eval = evaluate(model, losses, held_out, batch_size, ctx)
             if rank == 0:
                 log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops

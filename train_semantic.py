@@ -21,9 +21,9 @@ from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages
 from model import pick_device
-from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, init_distributed,
-                     last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb, plan,
-                     rank0_first, save_checkpoint, start_or_resume, stop_signal)
+from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
+                     init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
+                     plan, rank0_first, save_checkpoint, start_or_resume, stop_signal)
 
 # ---- settings: python train_semantic.py --key=value overrides any of these ----
 whisper = "checkpoints/whisper-base"
@@ -125,15 +125,6 @@ def ctc_warmup(model, rows):
     return history[0], history[-1]
 
 
-@torch.no_grad()
-def evaluate(model, held_out, ctx):
-    model.eval()
-    with ctx:
-        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
-    model.train()
-    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-
 def main():
     rank, _, dev = init_distributed(pick_device(device or None))
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
@@ -154,7 +145,7 @@ def main():
     step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
     log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")
     if ckpt is None and held_out:   # where the adapter starts from, kept for the summary
-        start = evaluate(model, held_out, ctx)
+        start = evaluate(model, losses, held_out, batch_size, ctx)
         if rank == 0:
             log_row(log, step=0, split="eval", **start)
             with open(summary_path, "w") as f:
@@ -185,7 +176,7 @@ def main():
             if rank == 0:
                 log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
         if held_out and due(step, eval_interval, steps):
-            last_eval = evaluate(model, held_out, ctx)
+            last_eval = evaluate(model, losses, held_out, batch_size, ctx)
             if rank == 0:
                 log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops

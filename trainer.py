@@ -118,6 +118,16 @@ def micro_batches(step, n_items, batch_size, grad_accum, seed):
     return [batch[(m * world + rank) * micro:(m * world + rank + 1) * micro] for m in range(grad_accum)]
 
 
+@torch.no_grad()
+def evaluate(model, losses, held_out, batch_size, ctx):
+    """The mean of each of losses(model, batch)'s stats over the held-out items, in eval mode."""
+    model.eval()
+    with ctx:
+        stats = [losses(model, held_out[i:i + batch_size])[1] for i in range(0, len(held_out), batch_size)]
+    model.train()
+    return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+
 def lr_at(step, lr, min_lr, warmup_steps, max_steps, schedule="cosine"):
     """"cosine": linear warmup to lr, cosine decay to min_lr (nanoGPT's). "warmup_decay": the release's DeepSpeed
     WarmupDecayLR, log(step + 1) / log(warmup_steps) up to lr, then linear to 0 at max_steps (min_lr unused)."""

@@ -16,7 +16,7 @@ import cache
 import convert
 import data
 from tokenizer import Tokenizer
-from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, emotion_loss, kl_loss, partial_lora
+from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, kl_loss, partial_lora
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
 
 IGNORE = data.IGNORE
@@ -123,7 +123,7 @@ def test_ce_loss():
     V = 11
     targets = torch.tensor([4, 5, 7, 8, 9, 10])
     assert ce_loss(torch.zeros(6, V), targets).item() == pytest.approx(math.log(V))   # uniform -> log V
-    assert emotion_loss(torch.zeros(4, 5), torch.tensor([0, 1, 2, 4])).item() == pytest.approx(math.log(5))
+    assert ce_loss(torch.zeros(4, 5), torch.tensor([0, 1, 2, 4])).item() == pytest.approx(math.log(5))
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -375,7 +375,7 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     examples = [cache.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
     s = lm.response_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
-    loss = ce_loss(s["logits"], s["targets"]) + emotion_loss(lm.emotion_logits(s["embeds"], s["lengths"]), [1, 3])
+    loss = ce_loss(s["logits"], s["targets"]) + ce_loss(lm.emotion_logits(s["embeds"], s["lengths"]), torch.tensor([1, 3]))
     loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
     assert all(g is None for n, g in grads.items() if n not in names)
