@@ -1,5 +1,5 @@
-"""The training data of both stages: manifest rows, each clip's encoder features and the LLM's targets (computed
-once from the frozen networks, kept on disk, appended so a rerun continues where the last stopped), the examples."""
+"""The training data of both stages: manifests, the teacher prompts, the examples, and what is computed once from the
+frozen networks and kept on disk: encoder features, the LLM's targets (a rerun continues where the last stopped)."""
 import hashlib
 import json
 import os
@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data import EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE, AudioError, atomic_write, load_audio, pad_batch
+from data import (CONTINUE, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE,
+                  SYSTEM_PROMPT, AudioError, atomic_write, load_audio, pad_batch)
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
@@ -40,6 +41,17 @@ def emotion_label(name, mapping=None, where="manifest"):
         raise ValueError(f"{where}: unknown emotion {name!r}; allowed: {', '.join(EMOTIONS)} "
                          f"(fold other labels in with --map=\"{{'{name}': 'happy'}}\")")
     return EMOTIONS.index(e)
+
+
+def continue_target_messages(text):
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + text}]
+
+
+def emotion_target_messages(text, emotion, paper=False):
+    """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a 135M
+    LLM repeats the sentence whatever the label, so the default asks for a reply to it said in that voice."""
+    user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"{text} (said in a {emotion} voice)"
+    return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) and the mode

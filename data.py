@@ -28,17 +28,6 @@ CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed 
 IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
 
-def continue_target_messages(text):
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + text}]
-
-
-def emotion_target_messages(text, emotion, paper=False):
-    """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a 135M
-    LLM repeats the sentence whatever the label, so the default asks for a reply to it said in that voice."""
-    user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"{text} (said in a {emotion} voice)"
-    return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
-
-
 class AudioError(ValueError):   # a file that cannot be used as speech; the message names it
     pass
 

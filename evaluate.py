@@ -304,12 +304,12 @@ def fit_gap(texts, emotions, vader):
 
 def teacher_replies(model, texts, emotions, path, max_new_tokens=48, paper=False):
     """What stage 2 trains toward: the LLM's own replies to each transcript told its emotion (a name in
-    EMOTIONS), with the prompt stage 2 makes its targets with (data.emotion_target_messages, the one
+    EMOTIONS), with the prompt stage 2 makes its targets with (cache.emotion_target_messages, the one
     place it is defined), read from or added to the targets cache at path (JSON lines, cache.make_targets),
     and cut where they loop as the training targets are (cache.trim_repeats)."""
     items = [{"text": t, "emotion": e} for t, e in zip(texts, emotions)]
     recs = cache.make_targets(model.decoder, model.tok, items, path,
-                              lambda it: data.emotion_target_messages(it["text"], it["emotion"], paper=paper),
+                              lambda it: cache.emotion_target_messages(it["text"], it["emotion"], paper=paper),
                               max_new_tokens=max_new_tokens, device=model.decoder.embed_tokens.weight.device)
     return [cache.trim_repeats(recs[it["target_key"]]["target"])[0] for it in items]
 
@@ -345,7 +345,7 @@ def content_items(model, manifest, n, run_dir):
     run's targets.jsonl (the held-out ones are there already), generated only where missing."""
     rows, n_bad = cache.with_features(model, read_manifest(manifest)[:n])
     targets = cache.make_targets(model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
-                                 lambda it: data.continue_target_messages(it["text"]), max_new_tokens=model.config.get("max_new_tokens", 48),
+                                 lambda it: cache.continue_target_messages(it["text"]), max_new_tokens=model.config.get("max_new_tokens", 48),
                                  device=model.decoder.embed_tokens.weight.device)
     return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 

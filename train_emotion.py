@@ -17,7 +17,7 @@ from tqdm import tqdm
 import cache
 from adapter import SpeechLM, ce_loss
 from configurator import configure
-from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH, emotion_target_messages
+from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
                      init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
@@ -35,7 +35,7 @@ padded = None                   # None: as the init_from run hears (a converted 
 max_new_tokens = 48
 gen_batch_size = 32
 emotion_loss_weight = 1.0       # the paper: an unweighted sum; 0 trains on the continuation alone
-paper_prompts = False           # True: the release's continuation prompts (data.emotion_target_messages says why not)
+paper_prompts = False           # True: the release's continuation prompts (cache.emotion_target_messages says why not)
 lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
@@ -70,7 +70,7 @@ config = configure(globals(), sys.argv[1:])
 
 
 def prompt_for_target(item):
-    return emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
+    return cache.emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
 
 
 def load_items(model, manifest, limit, run_dir):

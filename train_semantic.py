@@ -19,7 +19,7 @@ from tqdm import tqdm
 import cache
 from adapter import SpeechLM, kl_loss, ce_loss
 from configurator import configure
-from data import CONTINUE, SPEECH, SYSTEM_PROMPT, continue_target_messages
+from data import CONTINUE, SPEECH, SYSTEM_PROMPT
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
                      init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
@@ -78,7 +78,7 @@ def load_items(model, manifest, limit, run_dir):
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
     targets = rank0_first(lambda: cache.make_targets(
         model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
-        lambda row: continue_target_messages(row["text"]),
+        lambda row: cache.continue_target_messages(row["text"]),
         max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
     def examples(row, t):
         return {name: cache.make_example(model.tok, SYSTEM_PROMPT, parts, t["target"], t["truncated"])

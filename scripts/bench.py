@@ -356,6 +356,7 @@ def int8_quality(cfg, device, new_tokens=32, chunk=512):
     weights alone, so no text was seen by the quantization). On the prepared SmolLM2 in a full run: random
     weights say nothing about quality, so --quick (or a missing checkpoint) runs the code on random ones and
     says so."""
+    import cache
     import data
     import synth
     from model import Decoder
@@ -371,7 +372,7 @@ def int8_quality(cfg, device, new_tokens=32, chunk=512):
     quantize_decoder(decs["int8"])
     if real:
         tok, (train, test) = Tokenizer.from_pretrained(folder), synth.load_sentences()
-        rows = [tok.encode_chat(data.continue_target_messages(s)) for _, s in test]
+        rows = [tok.encode_chat(cache.continue_target_messages(s)) for _, s in test]
         text, stop = tok.encode(" ".join(s for _, s in sorted(train + test))), tok.eos_ids
     else:
         g, V = torch.Generator().manual_seed(4), cfg["lm"]["vocab_size"]

@@ -304,7 +304,7 @@ def test_content_retrieval_ranks_by_mean_log_likelihood(model, monkeypatch):
     assert all(p == speech_prompt and own for _, _, p, own in seen)
     seen.clear()
     assert ev.content_retrieval(model, its, k=3, transcript=True) == pytest.approx(want)
-    assert all(p == model.tok.encode_chat(data.continue_target_messages(its[i]["text"])) and not own for i, _, p, own in seen)
+    assert all(p == model.tok.encode_chat(cache.continue_target_messages(its[i]["text"])) and not own for i, _, p, own in seen)
 
 
 def test_content_retrieval_on_a_tiny_model(model):
@@ -369,11 +369,11 @@ def test_no_vader_means_no_fit_gap(monkeypatch, capsys):
 def test_teacher_replies_use_the_stage2_prompt_and_its_cache(model, monkeypatch, tmp_path):
     asked = []
 
-    def emotion_target_messages(text, emotion, paper=False):   # stands in for data.py's (the one prompt builder)
+    def emotion_target_messages(text, emotion, paper=False):   # stands in for cache.py's (the one prompt builder)
         asked.append((text, emotion, paper))
         return [{"role": "system", "content": ev.EMOTION_SYSTEM_PROMPT},
                 {"role": "user", "content": f"Continue in a {emotion} tone{'!' if paper else ''}: {text}"}]
-    monkeypatch.setattr(data, "emotion_target_messages", emotion_target_messages, raising=False)
+    monkeypatch.setattr(cache, "emotion_target_messages", emotion_target_messages, raising=False)
     texts, emos = ["the cat sat", "the cat sat", "hello world"], ["happy", "sad", "happy"]
     path = str(tmp_path / "targets.jsonl")
     got = ev.teacher_replies(model, texts, emos, path, max_new_tokens=5)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cache
 import data
 import tiny
 from adapter import LoRALinear, SpeechLM, add_lora, partial_lora
@@ -83,7 +84,7 @@ def test_quantized_decoder_decodes_like_fp32(models):
     assert int8.embed_tokens.weight.dtype == torch.float32
     tok = Tokenizer.from_pretrained(models["llm"])
     sentences = open(REPO / "scripts" / "sentences.txt").read().splitlines()[6::7][:16]
-    ids, _, valid = data.pad_batch([tok.encode_chat(data.continue_target_messages(s)) for s in sentences],
+    ids, _, valid = data.pad_batch([tok.encode_chat(cache.continue_target_messages(s)) for s in sentences],
                                    tok.pad_id, side="left")
     a = fp32.generate(ids, valid=valid, max_new_tokens=16, stop_ids=[])
     b = int8.generate(ids, valid=valid, max_new_tokens=16, stop_ids=[])
