@@ -229,8 +229,7 @@ class SpeechLM(nn.Module):
 
     @classmethod
     def from_run(cls, run_dir, device=None, dtype=None, whisper=None, llm=None):
-        """The model a run folder (config.json + model.safetensors) describes, in eval mode; whisper / llm
-        override the run's folders (the adapter must still fit them)."""
+        """The model a run folder describes, in eval mode; whisper / llm override its folders (the adapter must fit)."""
         w_path = os.path.join(run_dir, "model.safetensors")
         if missing := [p for p in (os.path.join(run_dir, "config.json"), w_path) if not os.path.isfile(p)]:
             raise FileNotFoundError(f"run folder {run_dir}: missing {missing[0]}")
@@ -262,8 +261,7 @@ class SpeechLM(nn.Module):
         return model.eval()
 
     def save_run(self, run_dir, config=None):
-        """config.json + model.safetensors (trainable weights only), each written atomically. whisper / llm are
-        written relative to run_dir; adapter, lora and num_emotions come from the model itself."""
+        """config.json (whisper / llm relative to run_dir) + model.safetensors (trainable weights), each atomically."""
         os.makedirs(run_dir, exist_ok=True)
         config = dict(self.config if config is None else config)
         usable = {k: config[k] for k in ("whisper", "llm") if config.get(k)}

@@ -86,8 +86,7 @@ def budget_trim(model, history, feats, max_new_tokens):
 
 
 def answer(model, args, history, feats, clip=None, n=None, prefix=""):
-    """One turn: the clip (if any) heard and its emotion shown (--ser), the reply streamed, added to history and
-    spoken (--speak) in the voice that emotion calls for; n: the reply's number."""
+    """One turn: the clip heard (--ser shows its emotion), the reply streamed, kept, spoken (--speak); n: its number."""
     probs = None
     if clip is not None:
         feats.append(model.encode_audio([clip])[0])

@@ -1,6 +1,5 @@
-"""The two pretrained networks: Whisper's audio encoder and a Llama/Qwen2-style decoder. Modules are named as
-Hugging Face names their tensors, so a downloaded folder loads strictly with load_state_dict (a missing, extra or
-mis-shaped weight is an error naming it). After openai/whisper, meta-llama/llama3 and pytorch-labs/gpt-fast."""
+"""Whisper's audio encoder and a Llama/Qwen2-style decoder (after openai/whisper, llama3, gpt-fast), named as Hugging
+Face names their tensors so a folder loads strictly: a missing, extra or mis-shaped weight is an error naming it."""
 import contextlib
 import glob
 import json

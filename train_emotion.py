@@ -162,12 +162,10 @@ def main():
 
         if due(step, log_interval, steps):
             row, sums, n = mean_over_ranks(sums, n), defaultdict(float), 0
-            if rank == 0:
-                log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
+            log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
         if held_out and due(step, eval_interval, steps):
             last_eval = evaluate(model, losses, held_out, batch_size, ctx)
-            if rank == 0:
-                log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
+            log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
         if stopping or due(step, ckpt_interval, steps):
             save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),

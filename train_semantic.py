@@ -49,8 +49,7 @@ ctc_manifest = "speech/asr_mix.jsonl"   # heard with train_manifest's clips; "":
 ctc_steps = 400
 ctc_batch_size = 32
 ctc_lr = 1e-3
-# the loop: the release used lr 1e-4, 1000 warmup steps, batch 768 over 1.9M pairs; a CPU run sees ~1,200 pairs,
-# so the learning rate is higher and the warmup shorter
+# the loop: a CPU run sees ~1,200 pairs, not the release's 1.9M (batch 768): a higher lr, a shorter warmup
 batch_size = 8
 grad_accum = 1
 max_steps = 150
@@ -173,12 +172,10 @@ def main():
 
         if due(step, log_interval, steps):
             row, sums, n = mean_over_ranks(sums, n), defaultdict(float), 0
-            if rank == 0:
-                log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
+            log_row(log, step=step, split="train", lr=lr_now, **row, elapsed=round(time.time() - t0, 3))
         if held_out and due(step, eval_interval, steps):
             last_eval = evaluate(model, losses, held_out, batch_size, ctx)
-            if rank == 0:
-                log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
+            log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
         if stopping or due(step, ckpt_interval, steps):
             save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),

@@ -254,7 +254,9 @@ def stop_signal():
     return stop
 
 
-def log_row(path, **row):
+def log_row(path, **row):   # rank 0 writes the log
+    if _rank_world()[0] > 0:
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"step {row['step']} {row['split']}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
