@@ -429,15 +429,17 @@ def main():
           f"the LLM told the emotion in words {closed_ceiling:.1%}")
     # Do the replies fit the tone? The same clips' replies from both stages, and stage 2's own targets for them.
     texts, emos = [r[e] for r in tone for e in EMOTIONS], [e for _ in tone for e in EMOTIONS]
-    fit = dict(fit_gap=None, fit_gap_stage1=None, fit_gap_ceiling=None)
+    fit = dict(fit_gap=None, fit_gap_stage1=None, fit_gap_ceiling=None, distinct_replies_ceiling=None)
     if vader:
         teacher = teacher_replies(m2, [r["text"] for r in tone for _ in EMOTIONS], emos,
                                   os.path.join(stage2, "targets.jsonl"), m2.config.get("max_new_tokens", 48), paper)
         fit = dict(fit_gap=fit_gap(texts, emos, vader),
                    fit_gap_stage1=fit_gap([r[e] for r in tone1 for e in EMOTIONS], emos, vader),
-                   fit_gap_ceiling=fit_gap(teacher, emos, vader))
+                   fit_gap_ceiling=fit_gap(teacher, emos, vader), distinct_replies_ceiling=distinct_replies(teacher))
+        print(f"distinct replies: stage 2 {distinct_replies(texts):.0%}, the LLM's own stage-2 targets "
+              f"{fit['distinct_replies_ceiling']:.0%}")
         print("fit gap (VADER compound, replies to happy minus sad clips): " +
-              ", ".join(f"{k} {v:+.3f}" for k, v in fit.items() if v is not None))
+              ", ".join(f"{k} {v:+.3f}" for k, v in fit.items() if k.startswith("fit") and v is not None))
     peaks = [peak_rss_gb()] + [json.load(open(os.path.join(d, "summary.json"))).get("peak_rss_gb", 0)
                                for d in (stage1, stage2) if os.path.exists(os.path.join(d, "summary.json"))]
     report.update(ser_head_acc=res.get("head_acc"), head_acc_other_engine=head_other, ser_text_acc=res["acc"], ser_text_acc_stage1=base["acc"], ser_text_oracle=oracle,
@@ -445,7 +447,8 @@ def main():
                   ser_stage1_recall=base["recall"], tone_differ=differ, ser_closed_acc=closed,
                   ser_closed_acc_stage1=closed1, ser_closed_ceiling=closed_ceiling, **content,
                   distinct_replies=distinct_replies(texts), **fit,
-                  wall_s=time.time() - (started or t0), peak_rss_gb=max(peaks), eval_s=time.time() - t0,
+                  wall_s=time.time() - (started or t0), cpu=torch.backends.cpu.get_cpu_capability(),
+                  dtype=str(m2.decoder.embed_tokens.weight.dtype).removeprefix("torch."), peak_rss_gb=max(peaks), eval_s=time.time() - t0,
                   stage1_side_by_side=side_by_side, tone=tone, ser_replies=res["replies"][:50], config=config)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -505,10 +508,12 @@ def write_markdown(r, path):
              f"{r['content_n']} held-out clips): {pct(r['content_acc'])}; untrained adapter {pct(r['content_acc_floor'])}, "
              f"the LLM reading the transcript {pct(r['content_acc_ceiling'])}",
              f"- happy and sad replies differ for {pct(r['tone_differ'])} of held-out sentences; "
-             f"{pct(r['distinct_replies'])} of the tone table's replies are distinct",
+             f"{pct(r['distinct_replies'])} of the tone table's replies are distinct "
+             f"(the LLM's own stage-2 targets for them: {pct(r.get('distinct_replies_ceiling'))})",
              f"- fit gap (VADER compound, replies to happy minus sad clips, -2..2): stage 2 {signed(r['fit_gap'])}, "
              f"stage 1 only {signed(r['fit_gap_stage1'])}; the LLM's own stage-2 targets {signed(r['fit_gap_ceiling'])}",
-             f"- wall time {r['wall_s'] / 60:.1f} min, peak memory {r['peak_rss_gb']:.2f} GB", "",
+             f"- wall time {r['wall_s'] / 60:.1f} min on a {r.get('cpu')} CPU ({r.get('dtype')}), "
+             f"peak memory {r['peak_rss_gb']:.2f} GB", "",
              "## Stage 1: reply to the speech beside the reply to its transcript", ""]
     for s in r["stage1_side_by_side"]:
         lines += [f"- *{s['transcript']}* ({s['set']})", f"  - speech: {s['speech_reply']}", f"  - text: {s['text_reply']}"]

@@ -29,3 +29,4 @@ log_interval = 20
 ckpt_interval = 200
 seed = 1
 ctc_steps = 0               # the paper has no warm-up
+asr_weight = 0.0            # nor a transcription loss

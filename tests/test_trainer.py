@@ -86,7 +86,7 @@ def run(speech, script, *args, at=0, sig="SIGKILL", nproc=1):
 def semantic_args(speech, out_dir, *extra):
     return [f"--whisper={speech['whisper']}", f"--llm={speech['llm']}", f"--train_manifest={speech['train']}",
             f"--eval_manifest={speech['test']}", f"--out_dir={out_dir}", "--max_new_tokens=8", "--dtype=fp32",
-            "--ctc_steps=0", *extra]   # the CTC warm-up has its own test
+            "--ctc_steps=0", "--asr_weight=0", *extra]   # the CTC warm-up and the transcription loss have their own tests
 
 
 def log_rows(run_dir, split="train"):
@@ -104,6 +104,23 @@ def test_ctc_warmup_learns_to_spell_before_the_kl(speech):
     assert summary["ctc_end"] < summary["ctc_start"] / 2, summary   # the adapter's frames spell the transcripts
     p = run(speech, "train_semantic.py", *args, "--resume")
     assert p.returncode == 0 and "CTC warm-up" not in p.stderr   # a resumed run keeps its adapter: no second warm-up
+
+
+def test_transcription_loss_falls_beside_the_kl(speech):
+    # no recombined set given: the training clips' own transcripts are the transcription task
+    out = speech["root"] / "asr"
+    p = run(speech, "train_semantic.py", *semantic_args(
+        speech, out, "--max_train=8", "--max_eval=4", "--batch_size=4", "--max_steps=80", "--lr=1e-2",
+        "--min_lr=1e-3", "--warmup_steps=5", "--weight_decay=0.0", "--log_interval=10", "--ctc_manifest=", "--asr_weight=1", "--asr_batch_size=4"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = log_rows(out)
+    # a random tiny LLM reads little through the adapter alone: the loss falls steadily, not fast
+    asr = [r["asr"] for r in rows]
+    assert asr[-1] < 0.95 * asr[0] and asr == sorted(asr, reverse=True), asr
+    assert all(r["loss"] == pytest.approx(r["kl"] + r["asr"], rel=1e-4) for r in rows)   # weight 1: their sum
+    p = run(speech, "train_semantic.py", *semantic_args(speech, speech["root"] / "asr3", "--asr_batch_size=3",
+                                                         "--asr_weight=1", "--grad_accum=2", "--batch_size=4"))
+    assert p.returncode != 0 and "asr_batch_size 3 must be a multiple of grad_accum 2" in p.stderr
 
 
 def test_stage1_learns_and_writes_its_run_folder(speech):
