@@ -167,9 +167,9 @@ def test_spoken_turn_gets_a_streamed_reply_the_heads_bars_and_a_voice(page, mode
     xc = np.fft.irfft(np.fft.rfft(heard, n) * np.conj(np.fft.rfft(clip, n)), n)   # best alignment of clip in heard
     lag = int(np.argmax(xc))
     lag = lag - n if lag > n // 2 else lag   # negative: the capture began a moment after the clip did
-    skip = max(-lag, 0)                      # the clip's samples played before the recording started
-    m = min(len(clip) - skip, len(heard) - max(lag, 0))
-    corr = np.corrcoef(clip[skip:skip + m], heard[max(lag, 0):max(lag, 0) + m])[0, 1]
+    skip, start = max(-lag, 0), max(lag, 0)  # skip: the clip's samples played before the recording started
+    m = min(len(clip) - skip, len(heard) - start)
+    corr = np.corrcoef(clip[skip:skip + m], heard[start:start + m])[0, 1]
     print(f"heard {len(heard) / data.SAMPLE_RATE:.2f} s, the clip {len(clip) / data.SAMPLE_RATE:.2f} s at "
           f"{lag / data.SAMPLE_RATE:.3f} s, correlation {corr:.2f}")
     assert m > 0.9 * len(clip) and corr > 0.5, (lag, m, corr)   # the browser's capture processing keeps the shape
