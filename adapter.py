@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import data
-from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder, pick_device, pick_dtype
+from model import (Decoder, DecoderConfig, PrefixKV, WhisperConfig, WhisperEncoder, pick_device, pick_dtype,
+                   shared_start)
 from tokenizer import Tokenizer
 
 
@@ -123,6 +124,7 @@ class SpeechLM(nn.Module):
         super().__init__()
         self.encoder, self.adapter, self.decoder = encoder, adapter, decoder
         self.emotion_head, self.tok = emotion_head, tok
+        self._prefixes = {}   # prefix_kv's: valid while the LLM's own weights stay as loaded
         self.config = dict(config or {})  # the run's config.json, paths resolved
 
     @property
@@ -181,26 +183,46 @@ class SpeechLM(nn.Module):
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         rows = [self.tok.encode_chat(c, add_generation_prompt=True) for c in convs]
         emb, lengths = self.speech_embeds(feats)
-        batch = self.splice(rows, [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
+        p = shared_start(rows)   # the system prompt and instruction: run once, kept (prefix_kv)
+        batch = self.splice([r[p:] for r in rows], [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
         return self.decoder.generate(
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=self.tok.eos_ids,
-            prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator)
+            prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator,
+            prefix=self.prefix_kv(rows[0][:p]))
 
     def response_logits(self, examples, feats=()):
         """(ids, labels) rows + encoder frames for their SPEECH slots, if any -> dict(logits (N, V) at the response
         positions, targets (N,), embeds (B, T', d_llm) adapter output, lengths (B,)). LoRA sees speech only."""
         rows, labels = zip(*examples)
         embeds, lengths = self.speech_embeds(feats)
-        b = self.splice(list(rows), [embeds[i, :n] for i, n in enumerate(lengths.tolist())], list(labels))
+        # The rows' common start (system prompt, instruction) is run once and kept: before any speech and any
+        # label, nothing trained reaches it. The rest of each row follows it.
+        p = max(0, min(shared_start(rows), *(next((j for j, y in enumerate(lab) if y != data.IGNORE), len(lab)) - 1
+                                             for lab in labels)))
+        prefix = self.prefix_kv(rows[0][:p])   # before partial_lora: the prefix has no speech, LoRA adds nothing
+        b = self.splice([r[p:] for r in rows], [embeds[i, :n] for i, n in enumerate(lengths.tolist())],
+                        [lab[p:] for lab in labels])
         # The positions that predict a target token, for the CE and the KL alike. The release's KL reads the target
         # tokens' own positions: every prediction but the first target token's, and one past the end.
         at, targets = torch.zeros_like(b["labels"], dtype=torch.bool), b["labels"][:, 1:]
         at[:, :-1] = targets != data.IGNORE
         targets = targets[targets != data.IGNORE]
         with partial_lora(self.decoder, b["speech_mask"]):
-            logits = self.decoder(embeds=b["embeds"], valid=b["valid"], logits_at=at)
+            logits = self.decoder(embeds=b["embeds"], valid=b["valid"], cache=prefix, logits_at=at)
         return dict(logits=logits, targets=targets, embeds=embeds, lengths=lengths)
+
+    def prefix_kv(self, ids):
+        """The PrefixKV of a shared prompt start, kept for the next batches (a few: a run uses one or two)."""
+        if not ids:
+            return None
+        key = tuple(ids)
+        if key not in self._prefixes:
+            if len(self._prefixes) >= 8:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            dev = self.decoder.embed_tokens.weight.device
+            self._prefixes[key] = PrefixKV(self.decoder, torch.tensor(ids, device=dev))
+        return self._prefixes[key]
 
     def trainable_parameters(self):
         """{name: Parameter} of what BLSP-Emo trains (adapter, emotion head, LoRA); the rest is frozen here."""

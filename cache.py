@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from data import (CONTINUE, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE,
                   SYSTEM_PROMPT, AudioError, atomic_write, load_audio, pad_batch)
+from model import PrefixKV, shared_start
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
@@ -153,9 +154,12 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
         todo = sorted(prompts.items(), key=lambda kv: len(json.dumps(kv[1])))   # similar lengths: less padding
         for b in tqdm(range(0, len(todo), batch_size), desc="LLM targets", unit="batch", disable=not todo):
             chunk = todo[b:b + batch_size]
-            ids, _, valid = pad_batch([tok.encode_chat(m) for _, m in chunk], tok.pad_id, side="left")
+            rows = [tok.encode_chat(m) for _, m in chunk]
+            p = shared_start(rows)   # the system prompt, run once for the batch
+            ids, _, valid = pad_batch([r[p:] for r in rows], tok.pad_id, side="left")
+            prefix = PrefixKV(decoder, torch.tensor(rows[0][:p], device=device)) if p else None
             new = decoder.generate(ids.to(device), valid=valid.to(device), max_new_tokens=max_new_tokens,
-                                   stop_ids=tok.eos_ids)
+                                   stop_ids=tok.eos_ids, prefix=prefix)
             for (key, _), toks in zip(chunk, new):
                 text = tok.decode(toks).strip()
                 rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens,

@@ -24,8 +24,10 @@ import torch
 
 import cache
 import data
+from adapter import Adapter, SpeechLM, partial_lora
 from cache import emotion_label, make_example, read_manifest
 from data import CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT
+from model import KVCache
 from trainer import peak_rss_gb
 
 # The authors' SER question.
@@ -139,16 +141,39 @@ def ser_text_oracle(model, items, batch_size=16, max_new_tokens=24):
 def reply_logprobs(model, examples, feats=None, batch_size=16):
     """(summed log-probability, number of tokens) of each example's labelled tokens (make_example rows:
     the reply). With feats (one clip per example, for its one SPEECH slot) the model hears the speech
-    (partial LoRA, if any, at the speech positions); without, it reads text."""
-    out = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        s = model.response_logits(chunk, feats[i:i + batch_size] if feats is not None else ())
-        logits, targets = s["logits"], s["targets"]
-        lp = logits.float().log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-        # the logits come row by row, so each example's tokens are the next run of its reply's length
-        counts = [sum(t != IGNORE for t in labels) for _, labels in chunk]
-        out += [(x.sum().item(), len(x)) for x in lp.split(counts)]
+    (partial LoRA, if any, at the speech positions); without, it reads text. Neighbouring examples with
+    the same prompt and clip (a clip's five label words, its ten candidate continuations) share one run
+    of the prompt: its keys and values are copied to each of their replies."""
+    groups = []   # [prompt ids, clip, reply ids...]
+    for k, (ids, labels) in enumerate(examples):
+        start = next(j for j, y in enumerate(labels) if y != IGNORE)
+        clip = feats[k] if feats is not None else None
+        if groups and groups[-1][0] == ids[:start] and groups[-1][1] is clip:
+            groups[-1].append(ids[start:])
+        else:
+            groups.append([ids[:start], clip, ids[start:]])
+    dec, out, i = model.decoder, [], 0
+    w = dec.embed_tokens.weight
+    while i < len(groups):   # batches of about batch_size replies, a prompt's replies never split
+        chunk = [groups[i]]
+        while i + len(chunk) < len(groups) and sum(len(g) - 2 for g in chunk + [groups[i + len(chunk)]]) <= batch_size:
+            chunk.append(groups[i + len(chunk)])
+        i += len(chunk)
+        emb, lengths = model.speech_embeds([g[1] for g in chunk if g[1] is not None])
+        b = model.splice([g[0] for g in chunk], [emb[j, :n] for j, n in enumerate(lengths.tolist())], pad="left")
+        replies = [r for g in chunk for r in g[2:]]
+        n = torch.tensor([len(g) - 2 for g in chunk], device=w.device)
+        cache = KVCache(dec.cfg, len(chunk), b["embeds"].shape[1] + max(len(r) for r in replies), w.device, w.dtype)
+        with partial_lora(dec, b["speech_mask"]):
+            first = dec(embeds=b["embeds"], valid=b["valid"], cache=cache, logits_at=-1)   # each reply's 1st token
+        cache.kv, cache.valid = cache.kv.repeat_interleave(n, 2), cache.valid.repeat_interleave(n, 0)
+        ids, _, valid = data.pad_batch(replies, model.tok.pad_id, side="right")
+        ids, valid = ids.to(w.device), valid.to(w.device)
+        logits = [first.repeat_interleave(n, 0)[:, None]]
+        if ids.shape[1] > 1:   # the rest: each reply read after its prompt, from the copied keys and values
+            logits.append(dec(ids[:, :-1], valid=valid[:, :-1], cache=cache))
+        lp = torch.cat(logits, 1).float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]
+        out += [(lp[j, :len(r)].sum().item(), len(r)) for j, r in enumerate(replies)]
     return out
 
 
@@ -208,7 +233,6 @@ def content_retrieval(model, items, k=9, seed=0, transcript=False, batch_size=16
 def untrained(model, seed=0):
     """The same encoder and LLM behind a freshly initialised adapter (same settings): the floor that
     shows what training the adapter bought."""
-    from adapter import Adapter, SpeechLM
     a = model.adapter
     with torch.random.fork_rng(devices=[]):      # seeded here, the caller's random state untouched
         torch.manual_seed(seed)
@@ -351,7 +375,6 @@ def content_items(model, manifest, n, run_dir):
 
 
 def load(run_dir):
-    from adapter import SpeechLM
     model = SpeechLM.from_run(run_dir, device=device or None, dtype=dtype)
     if quantize:
         from quantize import quantize_decoder

@@ -235,10 +235,43 @@ class KVCache:
         self.kv, self.len = torch.empty(shape, device=device, dtype=dtype), 0   # len: filled, this step included
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
 
+    def extend(self, keys):   # this step's real-token flags (B, S) -> every one so far
+        self.valid[:, self.len:self.len + keys.shape[1]] = keys   # past its preallocated length: a shape error
+        self.len += keys.shape[1]
+        return self.valid[:, :self.len]
+
     def update(self, layer, k, v):   # this step's keys/values (B, n_kv, S, hd) -> every one so far
         k_all, v_all = self.kv[layer, :, :, :, :self.len]
         k_all[:, :, -k.shape[2]:], v_all[:, :, -k.shape[2]:] = k, v
         return k_all, v_all
+
+
+def shared_start(rows):
+    """How many leading ids every row shares: up to a speech slot (a negative id) at most, and one short of the
+    shortest row, whose last id must still be run for its logits."""
+    n, shortest = 0, min(len(r) for r in rows)
+    while n < shortest - 1 and rows[0][n] >= 0 and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+class PrefixKV:
+    """The keys and values of a prompt start that every row shares (system prompt, instruction), computed once: the
+    frozen LLM gives the same ones every time, so a batch runs only what follows. Read like a KVCache, never
+    written, so autograd can pass through the rows after it."""
+
+    def __init__(self, decoder, tokens):
+        cache = KVCache(decoder.cfg, 1, len(tokens), tokens.device, decoder.embed_tokens.weight.dtype)
+        with torch.no_grad():
+            decoder(tokens[None], cache=cache, logits_at=-1)
+        self.kv, self.len = cache.kv, cache.len
+
+    def extend(self, keys):
+        return torch.cat([keys.new_ones(keys.shape[0], self.len), keys], 1)
+
+    def update(self, layer, k, v):
+        pk, pv = (t.expand(k.shape[0], -1, -1, -1) for t in self.kv[layer, :, :1])
+        return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
 
 
 class Attention(nn.Module):
@@ -311,16 +344,15 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)   # a plain tensor, not a buffer: .to(bf16) must not round it
 
     def forward(self, tokens=None, *, embeds=None, valid=None, cache=None, logits_at=None):
-        """valid (B, S): False at padding. logits_at: an index along S or a bool (B, S) mask (None: every position);
-        only the rows read pay for the vocabulary head."""
+        """valid (B, S): False at padding. cache: a KVCache to fill (generation) or a PrefixKV the rows follow.
+        logits_at: an index along S or a bool (B, S) mask (None: every position); only the rows read pay for the
+        vocabulary head."""
         x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.embed_tokens.weight.dtype)
         B, S, _ = x.shape
         start, mask = 0 if cache is None else cache.len, None
         keys = torch.ones(B, S, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
         if cache is not None:
-            cache.valid[:, start:start + S] = keys     # past its preallocated length: a shape error
-            cache.len += S
-            keys = cache.valid[:, :cache.len]
+            keys = cache.extend(keys)
         if valid is not None or start > 0:             # else no padding, nothing cached: SDPA's causal kernel
             qi = torch.arange(start, start + S, device=x.device)[:, None]
             ki = torch.arange(start + S, device=x.device)
@@ -338,12 +370,17 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                 top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None):
-        """Prompts LEFT-padded, read inside prompt_scope (SpeechLM's partial LoRA) -> each row's new tokens;
-        on_token(ids (B,), -1 for finished rows) streams them."""
+                 top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None,
+                 prefix=None):
+        """Prompts LEFT-padded, after a PrefixKV they all start with (if any), read inside prompt_scope (SpeechLM's
+        partial LoRA) -> each row's new tokens; on_token(ids (B,), -1 for finished rows) streams them."""
         x = tokens if embeds is None else embeds
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
-        cache = KVCache(self.cfg, x.shape[0], x.shape[1] + max_new_tokens, x.device, self.embed_tokens.weight.dtype)
+        n = 0 if prefix is None else prefix.len
+        cache = KVCache(self.cfg, x.shape[0], n + x.shape[1] + max_new_tokens, x.device, self.embed_tokens.weight.dtype)
+        if prefix is not None:   # every row starts with it, then its own padding and the rest
+            cache.kv[:, :, :, :, :n] = prefix.kv
+            cache.extend(torch.ones(x.shape[0], n, dtype=torch.bool, device=x.device))
         with prompt_scope:
             logits = self(tokens, embeds=embeds, valid=valid, cache=cache, logits_at=-1)
         done, out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device), []

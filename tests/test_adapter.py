@@ -388,6 +388,35 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     assert all(grads[n].abs().sum() > 0 for n in live), [n for n in live if grads[n].abs().sum() == 0]
 
 
+def test_shared_prompt_start_runs_once_and_changes_nothing(tok):
+    """response_logits runs the rows' common start once (PrefixKV) and the rest after it: the same logits and the
+    same gradients as the whole rows in one pass, with partial LoRA and right padding."""
+    lm = tiny_lm(tok).start_stage2(lora=dict(r=4, alpha=8, dropout=0.0)).train()
+    randomize_lora(lm.decoder)
+    examples = [cache.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
+                for t in ("the cat.", "on the mat, the cat sat.", "a")]
+    feats = [torch.randn(n, 16) for n in (40, 70, 9)]
+    params = list(lm.trainable_parameters().values())
+
+    def grads_of(logits):
+        lm.zero_grad()
+        logits.float().square().mean().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    s = lm.response_logits(examples, feats)
+    (start,) = lm._prefixes   # the system prompt and "hello ": everything before the speech
+    assert list(start) == examples[0][0][:examples[0][0].index(data.SPEECH)]
+    emb, lengths = lm.speech_embeds(feats)
+    b = lm.splice([r for r, _ in examples], [emb[i, :n] for i, n in enumerate(lengths.tolist())],
+                  [y for _, y in examples])
+    at = torch.zeros_like(b["labels"], dtype=torch.bool)
+    at[:, :-1] = b["labels"][:, 1:] != IGNORE
+    with partial_lora(lm.decoder, b["speech_mask"]):
+        whole = lm.decoder(embeds=b["embeds"], valid=b["valid"], logits_at=at)
+    assert torch.allclose(s["logits"], whole, atol=1e-5)
+    for g, h in zip(grads_of(s["logits"]), grads_of(whole)):
+        assert torch.allclose(g, h, atol=1e-6, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- run folders
 
 @pytest.fixture(scope="module")

@@ -205,6 +205,15 @@ def test_reply_logprobs_is_the_decoders_own_likelihood(model):
     assert [n for _, n in batch] == [n for _, n in alone]
     assert [s for s, _ in batch] == pytest.approx([s for s, _ in alone], abs=1e-4)
     assert all(s < 0 for s, _ in batch)
+    # one clip, several replies (its prompt run once, copied to each): the training path's numbers, reply by reply
+    shared = [cache.make_example(model.tok, data.SYSTEM_PROMPT, [data.CONTINUE, data.SPEECH], r, truncated=True)
+              for r in ("the cat", "a mat sat on the cat", "hello")]
+    got = ev.reply_logprobs(model, shared + sx[:2], [feats[0]] * 3 + feats[:2], batch_size=4)
+    for e, f, (s, n) in zip(shared + sx[:2], [feats[0]] * 3 + feats[:2], got):
+        with torch.no_grad():
+            r = model.response_logits([e], [f])
+        lp = r["logits"].log_softmax(-1).gather(-1, r["targets"][:, None])
+        assert n == len(r["targets"]) and s == pytest.approx(lp.sum().item(), abs=1e-4)
 
 
 def test_ser_closed_picks_the_likeliest_label_word(model, monkeypatch):
