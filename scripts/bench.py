@@ -291,20 +291,23 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
 
 # ----------------------------------------------------------------------------- 4. stage-1 step
 def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf16=False):
-    """One stage-1 step, the demo run's shape: 80 tokens a row, 20 speech positions (160 cached encoder
-    frames), 40 response positions; the LLM frozen, the teacher without grad, only the adapter trains
-    (AdamW, clip 1.0). The same adapter init, data and weights drive our Decoder and transformers'
-    model; both take logits at the response positions only."""
+    """One stage-1 step, the demo run's shape: 91 tokens a row, the first 24 (system prompt, instruction)
+    the same in every row, 20 speech positions (160 cached encoder frames), 40 response positions; the LLM
+    frozen, the teacher without grad, only the adapter trains (AdamW, clip 1.0). The same adapter init,
+    data and weights drive our Decoder and transformers' model; both take logits at the response positions
+    only. Ours runs the shared start once and keeps it (PrefixKV, as SpeechLM.response_logits does)."""
     from adapter import Adapter, kl_loss
-    from model import Decoder
+    from model import Decoder, PrefixKV
     kw, B, d_enc = cfg["lm"], cfg["batch"], cfg["d_enc"]
     with tempfile.TemporaryDirectory() as folder:
         ref_lm = hf_causal_lm(kw, "llama", folder, device, torch.float32)
         ours = Decoder.from_pretrained(folder, dtype=torch.float32, device=device).eval().requires_grad_(False)
-    n_pre, n_sp, n_mid, n_resp = 10, 20, 10, 40
+    n_pre, n_sp, n_mid, n_resp = 24, 20, 7, 40
     S = n_pre + n_sp + n_mid + n_resp
     g = torch.Generator().manual_seed(2)
-    teacher_ids = torch.randint(0, kw["vocab_size"], (B, S), generator=g).to(device)   # transcript as text
+    pre = torch.randint(0, kw["vocab_size"], (1, n_pre), generator=g).expand(B, -1)   # every row's start
+    teacher_ids = torch.cat([pre, torch.randint(0, kw["vocab_size"], (B, S - n_pre), generator=g)], 1).to(device)
+    prefix = PrefixKV(ours, teacher_ids[0, :n_pre])
     feats = torch.randn(B, n_sp * 8, d_enc, generator=g).to(device)
     lengths = torch.full((B,), n_sp * 8, device=device)
     resp = torch.zeros(B, S, dtype=torch.bool, device=device)
@@ -314,7 +317,8 @@ def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf1
     adapters["ref"] = copy.deepcopy(adapters["ours"])
     opts = {k: torch.optim.AdamW(a.parameters(), lr=1e-4, weight_decay=0.05) for k, a in adapters.items()}
     hf_logits = lambda h, m: ref_lm.lm_head(h.last_hidden_state[m])
-    sides = dict(ours=(ours.embed_tokens, lambda t, m: ours(t, logits_at=m), lambda e, m: ours(embeds=e, logits_at=m)),
+    sides = dict(ours=(ours.embed_tokens, lambda t, m: ours(t[:, n_pre:], cache=prefix, logits_at=m[:, n_pre:]),
+                       lambda e, m: ours(embeds=e[:, n_pre:], cache=prefix, logits_at=m[:, n_pre:])),
                  ref=(ref_lm.model.embed_tokens, lambda t, m: hf_logits(ref_lm.model(input_ids=t), m),
                       lambda e, m: hf_logits(ref_lm.model(inputs_embeds=e), m)))
     losses = {"ours": [], "ref": []}
