@@ -46,7 +46,7 @@ max_text_tokens = 0         # drop examples whose text side is longer (0: keep a
 # in the LLM's own token embeddings (CTC, no LLM run), on new sentences recombined from the training sentences'
 # words (synth.recombine), so that it learns words, not 379 sentences. 0 steps: the paper's stage 1 alone.
 ctc_manifest = "speech/asr_mix.jsonl"   # heard with train_manifest's clips; "": those alone
-ctc_steps = 0
+ctc_steps = 400
 ctc_batch_size = 32
 ctc_lr = 1e-3
 # A second CPU-scale addition, also not in the paper: during the KL, the speech model also writes down what it hears
