@@ -132,7 +132,7 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
 
 
 @torch.no_grad()
-def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=16, device="cpu"):
+def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=128, device="cpu"):
     """The frozen LLM's greedy reply to build_prompt(item) for each item -> {key: record}, cached in `path` by the
     prompt's hash, so a changed instruction never reuses stale targets; refusals are kept, flagged."""
     done, prompts = {}, {}

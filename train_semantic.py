@@ -35,7 +35,7 @@ device = ""                 # "" picks cuda, then mps, then cpu
 dtype = "auto"              # the frozen encoder and LLM: "auto" is bf16 where the device runs it fast, else fp32
 padded = False              # encode clips padded to 30 s as the release does (slower, slightly different numbers)
 max_new_tokens = 48         # target length
-gen_batch_size = 32
+gen_batch_size = 128         # prompts per generation batch: larger matmuls, each target cheaper on a CPU
 kl_temperature = 2.0
 max_train = 0               # 0 = every clip in the manifest
 max_eval = 48

@@ -11,6 +11,7 @@ out_dir = "runs/paper_stage1"
 dtype = "bf16"              # --bf16 True
 padded = True               # its feature extractor pads every clip to 30 s; the encoder attends over the padding
 max_new_tokens = 48         # greedy continuations of at most 48 tokens are the targets
+gen_batch_size = 32         # a 7B LLM's keys and values for 128 prompts: up to about 20 GB of the GPU
 kl_temperature = 2.0
 min_seconds = 1.0           # clips under 1 s dropped
 max_seconds = 30.0          # and over 30 s

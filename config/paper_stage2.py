@@ -12,6 +12,7 @@ dtype = "bf16"              # --bf16 True
 padded = True               # its feature extractor pads every clip to 30 s; the encoder attends over the padding
 paper_prompts = True        # the release's continuation prompts, for the targets and for the speech turn
 max_new_tokens = 48         # greedy continuations of at most 48 tokens are the targets
+gen_batch_size = 32         # a 7B LLM's keys and values for 128 prompts: up to about 20 GB of the GPU
 emotion_loss_weight = 1.0   # input_er + response_ce
 lora_r = 16
 lora_alpha = 16
