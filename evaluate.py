@@ -51,7 +51,7 @@ def extract_label(reply):
 
 
 @torch.no_grad()
-def replies(model, items, system, instruction, max_new_tokens, batch_size=16):
+def replies(model, items, system, instruction, max_new_tokens, batch_size=64):
     """Greedy replies of the model to each item's clip (its cached encoder features) after an instruction."""
     out = []
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": [instruction, SPEECH]}]
@@ -63,7 +63,7 @@ def replies(model, items, system, instruction, max_new_tokens, batch_size=16):
 
 
 @torch.no_grad()
-def text_replies(model, texts, system, instruction, max_new_tokens, batch_size=16):
+def text_replies(model, texts, system, instruction, max_new_tokens, batch_size=64):
     """The LLM's replies to the same instruction given the transcript as text (no speech)."""
     out = []
     for i in range(0, len(texts), batch_size):
@@ -89,7 +89,7 @@ def uar(conf):
 
 
 @torch.no_grad()
-def ser_eval(model, items, batch_size=16, max_new_tokens=24):
+def ser_eval(model, items, batch_size=64, max_new_tokens=24):
     """Free-text SER accuracy and UAR, per-class recall, confusion (rows: truth, columns: EMOTIONS + unknown),
     and the emotion head's accuracy and UAR where the model has one."""
     model.eval()
@@ -128,7 +128,7 @@ def told(item):
 
 
 @torch.no_grad()
-def ser_text_oracle(model, items, batch_size=16, max_new_tokens=24):
+def ser_text_oracle(model, items, batch_size=64, max_new_tokens=24):
     """A ceiling for free-text SER with this LLM: the same question over the transcript with the emotion
     *told* in words ("... (said in a sad tone)"), no speech. An LLM that cannot name an emotion it is
     told cannot be expected to name one it hears."""
@@ -389,7 +389,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     if ser_manifest:
         model = load(stage2)
-        res = ser_eval(model, emotion_items(model, ser_manifest))
+        res = ser_eval(model, emotion_items(model, ser_manifest), batch_size=16)   # a 7B release: its memory
         print_ser(res, f"{ser_manifest}, {stage2}")
         path = os.path.join(out, f"ser_{os.path.splitext(os.path.basename(ser_manifest))[0]}.json")
         with open(path, "w") as f:
