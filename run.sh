@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: from a fresh clone to a trained BLSP-Emo in the small, on 2 CPU cores.
 #   install -> real weights + emotional speech (scripts/prepare.py) -> stage 1 -> stage 2 -> evaluation + report
-# Extra arguments go to every step, e.g.  bash run.sh --llm=qwen2.5-0.5b   or   bash run.sh --whisper=tiny.en
+# Extra arguments go to the steps that take them, e.g.  bash run.sh --llm=qwen2.5-0.5b   or   bash run.sh --ctc_steps=0
 set -euo pipefail
 cd "$(dirname "$0")"
 START=$(date +%s)
@@ -16,9 +16,18 @@ for a in "$@"; do
         *) TRAIN+=("$a") ;;
     esac
 done
+# each --key=value goes to the training scripts that have that setting; one that neither has is an error
+S1=(); S2=()
+for a in "${TRAIN[@]}"; do
+    k=${a#--}; k=${k%%=*}
+    if [[ "$a" != --* ]]; then S1+=("$a"); S2+=("$a"); continue; fi
+    grep -q "^$k = " train_semantic.py && S1+=("$a")
+    grep -q "^$k = " train_emotion.py && S2+=("$a")
+    grep -q "^$k = " train_semantic.py train_emotion.py || { echo "run.sh: no setting '$k' in train_semantic.py or train_emotion.py" >&2; exit 2; }
+done
 $PY scripts/prepare.py "${PREP[@]}"
-$PY train_semantic.py --whisper="$W" --llm="$L" "${TRAIN[@]}"
-$PY train_emotion.py "${TRAIN[@]}"
+$PY train_semantic.py --whisper="$W" --llm="$L" "${S1[@]}"
+$PY train_emotion.py "${S2[@]}"
 $PY evaluate.py --stage1=runs/semantic --stage2=runs/emotion --out=runs/demo --started="$START"
 # chat.py on held-out clips: one test sentence, one test voice, in a happy and in a sad voice
 for e in happy sad; do
