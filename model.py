@@ -247,8 +247,7 @@ class KVCache:
 
 
 def shared_start(rows):
-    """How many leading ids every row shares: up to a speech slot (a negative id) at most, and one short of the
-    shortest row, whose last id must still be run for its logits."""
+    """How many leading ids every row shares, up to a speech slot (a negative id) and short of a row's last id."""
     n, shortest = 0, min(len(r) for r in rows)
     while n < shortest - 1 and rows[0][n] >= 0 and all(r[n] == rows[0][n] for r in rows):
         n += 1
@@ -256,9 +255,8 @@ def shared_start(rows):
 
 
 class PrefixKV:
-    """The keys and values of a prompt start that every row shares (system prompt, instruction), computed once: the
-    frozen LLM gives the same ones every time, so a batch runs only what follows. Read like a KVCache, never
-    written, so autograd can pass through the rows after it."""
+    """The keys and values of a prompt start every row shares, computed once (the frozen LLM gives the same ones
+    every time): a batch runs only what follows. Read like a KVCache, never written, so autograd passes through."""
 
     def __init__(self, decoder, tokens):
         cache = KVCache(decoder.cfg, 1, len(tokens), tokens.device, decoder.embed_tokens.weight.dtype)
