@@ -161,19 +161,19 @@ def reply_logprobs(model, examples, feats=None, batch_size=16):
         i += len(chunk)
         emb, lengths = model.speech_embeds([g[1] for g in chunk if g[1] is not None])
         b = model.splice([g[0] for g in chunk], [emb[j, :n] for j, n in enumerate(lengths.tolist())], pad="left")
-        replies = [r for g in chunk for r in g[2:]]
+        answers = [r for g in chunk for r in g[2:]]
         n = torch.tensor([len(g) - 2 for g in chunk], device=w.device)
-        cache = KVCache(dec.cfg, len(chunk), b["embeds"].shape[1] + max(len(r) for r in replies), w.device, w.dtype)
+        cache = KVCache(dec.cfg, len(chunk), b["embeds"].shape[1] + max(len(r) for r in answers), w.device, w.dtype)
         with partial_lora(dec, b["speech_mask"]):
             first = dec(embeds=b["embeds"], valid=b["valid"], cache=cache, logits_at=-1)   # each reply's 1st token
         cache.kv, cache.valid = cache.kv.repeat_interleave(n, 2), cache.valid.repeat_interleave(n, 0)
-        ids, _, valid = data.pad_batch(replies, model.tok.pad_id, side="right")
+        ids, _, valid = data.pad_batch(answers, model.tok.pad_id, side="right")
         ids, valid = ids.to(w.device), valid.to(w.device)
         logits = [first.repeat_interleave(n, 0)[:, None]]
         if ids.shape[1] > 1:   # the rest: each reply read after its prompt, from the copied keys and values
             logits.append(dec(ids[:, :-1], valid=valid[:, :-1], cache=cache))
         lp = torch.cat(logits, 1).float().log_softmax(-1).gather(-1, ids[..., None])[..., 0]
-        out += [(lp[j, :len(r)].sum().item(), len(r)) for j, r in enumerate(replies)]
+        out += [(lp[j, :len(r)].sum().item(), len(r)) for j, r in enumerate(answers)]
     return out
 
 
