@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _matmul_time(dtype, device):

@@ -338,7 +338,7 @@ def test_config_errors_and_helpers(monkeypatch):
     assert WhisperConfig.from_hf({"num_mel_bins": 128, "max_source_positions": 1500, "d_model": 1280,
                                   "encoder_attention_heads": 20, "encoder_layers": 32,
                                   "encoder_ffn_dim": 5120}) == WhisperConfig(128, 1500, 1280, 20, 32, 5120)
-    assert pick_dtype("bf16", "cpu") is torch.bfloat16 and pick_dtype("float32", "cpu") is torch.float32
+    assert pick_dtype("bf16", "cpu") is torch.bfloat16 and pick_dtype("fp32", "cpu") is torch.float32
     assert pick_dtype(None, "cpu") is None and pick_dtype(torch.float16, "cpu") is torch.float16
     with pytest.raises(ValueError, match="fp8"):
         pick_dtype("fp8", "cpu")
