@@ -114,11 +114,6 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
-def ce_loss(logits, targets):
-    """The mean cross-entropy over the targets: the release's response_ce, and the emotion head's loss."""
-    return F.cross_entropy(logits.float(), targets)
-
-
 class SpeechLM(nn.Module):
     def __init__(self, encoder, adapter, decoder, tok, emotion_head=None, config=None):
         super().__init__()
@@ -127,15 +122,11 @@ class SpeechLM(nn.Module):
         self._prefixes = {}   # prefix_kv's: valid while the LLM's own weights stay as loaded
         self.config = dict(config or {})  # the run's config.json, paths resolved
 
-    @property
-    def padded(self):
-        """How this run hears: padded to 30 s (the release's way, its config says so) or real frames only."""
-        return self.config.get("padded", False)
-
     @torch.no_grad()
     def encode_audio(self, audios, padded=None):
-        """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained unless padded."""
-        padded = self.padded if padded is None else padded
+        """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained (padded to 30 s, as
+        the release, or real frames) unless padded says otherwise."""
+        padded = self.config.get("padded", False) if padded is None else padded
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32, device=w.device).reshape(-1) for a in audios]
         mel, frames = data.log_mel_batch(clips, self.encoder.cfg.n_mels, pad_to_30s=padded)
@@ -157,7 +148,7 @@ class SpeechLM(nn.Module):
 
     def splice(self, rows, speech, labels=None, pad="right"):
         """Token rows with SPEECH slots + speech segments (T_i', d_llm) in slot order -> dict(embeds, valid,
-        speech_mask, labels or None, ids), each (B, S); a slot becomes T_i' positions labelled IGNORE."""
+        speech_mask, labels or None), each (B, S); a slot becomes T_i' positions labelled IGNORE."""
         n_slots = sum(t == data.SPEECH for row in rows for t in row)
         if n_slots != len(speech):
             raise ValueError(f"splice: the rows have {n_slots} SPEECH slots but {len(speech)} speech segments came")
@@ -173,8 +164,7 @@ class SpeechLM(nn.Module):
         embeds = self.decoder.embed_tokens(ids.masked_fill(sp, self.tok.pad_id))
         if len(speech):  # row-major order of the speech positions is slot order: one scatter places every segment
             embeds = embeds.masked_scatter(sp[..., None], torch.cat([s.to(dev, embeds.dtype) for s in speech]))
-        return dict(embeds=embeds, valid=valid, speech_mask=sp, ids=ids,
-                    labels=lab.to(dev) if lab is not None else None)
+        return dict(embeds=embeds, valid=valid, speech_mask=sp, labels=lab.to(dev) if lab is not None else None)
 
     @torch.no_grad()
     def generate(self, messages, feats=(), *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import (CONTINUE, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE,
-                  SYSTEM_PROMPT, AudioError, atomic_write, load_audio, pad_batch)
-from model import PrefixKV, shared_start
+                  SYSTEM_PROMPT, AudioError, atomic_write, load_audio)
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
@@ -89,11 +88,11 @@ def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
         if audios[i].numel() > N_SAMPLES:   # the mel cuts it
             tqdm.write(f"warning: {p}: {audios[i].numel() / SAMPLE_RATE:.1f} s is longer than Whisper's 30 s window; "
                        "cut to 30 s", file=sys.stderr)
-        todo.append((i, p, f))
+        todo.append((i, f))
     todo.sort(key=lambda t: audios[t[0]].numel())   # similar lengths: less padding
     for b in tqdm(range(0, len(todo), batch_size), desc="encode speech", unit="batch", disable=not todo):
         chunk = todo[b:b + batch_size]
-        for (i, _, f), x in zip(chunk, encode([audios[i] for i, _, _ in chunk])):
+        for (i, f), x in zip(chunk, encode([audios[i] for i, _ in chunk])):
             out[i] = x.to("cpu", torch.float16).contiguous()
             atomic_write(f, lambda p: save_file({"feats": out[i]}, p))
     return out
@@ -101,7 +100,7 @@ def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
 
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
-    padded = model.padded if padded is None else padded
+    padded = model.config.get("padded", False) if padded is None else padded
     feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
@@ -112,29 +111,25 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
     """The release's clip filter by duration (0: no bound); an unreadable file is kept, for with_features to name."""
     if not (min_seconds or max_seconds):
         return rows
-    kept, short, too_long = [], 0, 0
-    for r in rows:
+
+    def why(row):
         try:
-            info = sf.info(r["audio"])
+            s = sf.info(row["audio"]).duration
         except (sf.SoundFileError, RuntimeError, OSError):
-            kept.append(r)
-            continue
-        seconds = info.frames / info.samplerate
-        if min_seconds and seconds < min_seconds:
-            short += 1
-        elif max_seconds and seconds > max_seconds:
-            too_long += 1
-        else:
-            kept.append(r)
-    print(f"{where}: {len(kept)} of {len(rows)} clips kept; dropped {short} under {min_seconds} s, "
-          f"{too_long} over {max_seconds or 'any'} s")
+            return None
+        return "short" if min_seconds and s < min_seconds else "long" if max_seconds and s > max_seconds else None
+    reasons = [why(r) for r in rows]
+    kept = [r for r, w in zip(rows, reasons) if w is None]
+    print(f"{where}: {len(kept)} of {len(rows)} clips kept; dropped {reasons.count('short')} under {min_seconds} s, "
+          f"{reasons.count('long')} over {max_seconds or 'any'} s")
     return kept
 
 
 @torch.no_grad()
-def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, batch_size=128, device="cpu"):
-    """The frozen LLM's greedy reply to build_prompt(item) for each item -> {key: record}, cached in `path` by the
-    prompt's hash, so a changed instruction never reuses stale targets; refusals are kept, flagged."""
+def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_size=128):
+    """The frozen LLM's greedy reply (model: a SpeechLM, reading text only) to build_prompt(item) for each item ->
+    {key: record}, cached in `path` by the prompt's hash, so a changed instruction never reuses stale targets;
+    refusals are kept, flagged."""
     done, prompts = {}, {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:   # read from the start, written at the end
@@ -154,14 +149,9 @@ def make_targets(decoder, tok, items, path, build_prompt, *, max_new_tokens=48, 
         todo = sorted(prompts.items(), key=lambda kv: len(json.dumps(kv[1])))   # similar lengths: less padding
         for b in tqdm(range(0, len(todo), batch_size), desc="LLM targets", unit="batch", disable=not todo):
             chunk = todo[b:b + batch_size]
-            rows = [tok.encode_chat(m) for _, m in chunk]
-            p = shared_start(rows)   # the system prompt, run once for the batch
-            ids, _, valid = pad_batch([r[p:] for r in rows], tok.pad_id, side="left")
-            prefix = PrefixKV(decoder, torch.tensor(rows[0][:p], device=device)) if p else None
-            new = decoder.generate(ids.to(device), valid=valid.to(device), max_new_tokens=max_new_tokens,
-                                   stop_ids=tok.eos_ids, prefix=prefix)
+            new = model.generate([m for _, m in chunk], max_new_tokens=max_new_tokens)
             for (key, _), toks in zip(chunk, new):
-                text = tok.decode(toks).strip()
+                text = model.tok.decode(toks).strip()
                 rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens,
                        "refusal": any(r in text.lower() for r in REFUSALS)}
                 f.write(json.dumps(rec) + "\n")

@@ -332,9 +332,9 @@ def teacher_replies(model, texts, emotions, path, max_new_tokens=48, paper=False
     place it is defined), read from or added to the targets cache at path (JSON lines, cache.make_targets),
     and cut where they loop as the training targets are (cache.trim_repeats)."""
     items = [{"text": t, "emotion": e} for t, e in zip(texts, emotions)]
-    recs = cache.make_targets(model.decoder, model.tok, items, path,
+    recs = cache.make_targets(model, items, path,
                               lambda it: cache.emotion_target_messages(it["text"], it["emotion"], paper=paper),
-                              max_new_tokens=max_new_tokens, device=model.decoder.embed_tokens.weight.device)
+                              max_new_tokens=max_new_tokens)
     return [cache.trim_repeats(recs[it["target_key"]]["target"])[0] for it in items]
 
 
@@ -368,9 +368,9 @@ def content_items(model, manifest, n, run_dir):
     """The first n clips of manifest with their features and stage 1's own target for each: read from the
     run's targets.jsonl (the held-out ones are there already), generated only where missing."""
     rows, n_bad = cache.with_features(model, read_manifest(manifest)[:n])
-    targets = cache.make_targets(model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
-                                 lambda it: cache.continue_target_messages(it["text"]), max_new_tokens=model.config.get("max_new_tokens", 48),
-                                 device=model.decoder.embed_tokens.weight.device)
+    targets = cache.make_targets(model, rows, os.path.join(run_dir, "targets.jsonl"),
+                                 lambda it: cache.continue_target_messages(it["text"]),
+                                 max_new_tokens=model.config.get("max_new_tokens", 48))
     return cache.training_items(rows, targets, lambda row, t: {}, n_bad, manifest)
 
 

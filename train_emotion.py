@@ -12,10 +12,11 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM, ce_loss
+from adapter import SpeechLM
 from configurator import configure
 from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH
 from model import pick_device
@@ -79,9 +80,9 @@ def load_items(model, manifest, limit, run_dir):
     for n, r in enumerate(rows, 1):
         r["label"] = cache.emotion_label(r["emotion"], map, f"{manifest}:{n}")
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
-    targets = rank0_first(lambda: cache.make_targets(
-        model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"), prompt_for_target,
-        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
+    targets = rank0_first(lambda: cache.make_targets(model, rows, os.path.join(run_dir, "targets.jsonl"),
+                                                     prompt_for_target, max_new_tokens=max_new_tokens,
+                                                     batch_size=gen_batch_size))
     heard = [CONTINUE_HEARD_EMOTION, SPEECH] if paper_prompts else [SPEECH]   # neither the words nor the label
     def examples(row, t):
         system, user = (m["content"] for m in prompt_for_target(row))   # what the LLM read to write the target
@@ -94,12 +95,12 @@ def head_loss(model, embeds, lengths, batch):
     """The emotion head's loss and accuracy on the adapter output."""
     logits = model.emotion_logits(embeds, lengths)
     labels = torch.tensor([b["label"] for b in batch], device=logits.device)
-    return ce_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().item()
+    return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean().item()
 
 
 def losses(model, batch):
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
-    ce = ce_loss(s["logits"], s["targets"])
+    ce = F.cross_entropy(s["logits"].float(), s["targets"])   # the release's response CE
     emo, acc = head_loss(model, s["embeds"], s["lengths"], batch)
     return ce + emotion_loss_weight * emo, {"ce": ce.item(), "emotion": emo.item(), "head_acc": acc}
 
@@ -126,7 +127,7 @@ def main():
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
-    config["padded"] = model.config["padded"] = model.padded if padded is None else padded
+    config["padded"] = model.config["padded"] = model.config.get("padded", False) if padded is None else padded
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
     trainable = model.trainable_parameters()   # adapter, emotion head, LoRA

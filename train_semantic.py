@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM, kl_loss, ce_loss
+from adapter import SpeechLM, kl_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT
 from model import pick_device
@@ -81,9 +81,8 @@ def load_items(model, manifest, limit, run_dir):
     rows = cache.drop_by_duration(cache.read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows, padded))
     targets = rank0_first(lambda: cache.make_targets(
-        model.decoder, model.tok, rows, os.path.join(run_dir, "targets.jsonl"),
-        lambda row: cache.continue_target_messages(row["text"]),
-        max_new_tokens=max_new_tokens, batch_size=gen_batch_size, device=model.decoder.embed_tokens.weight.device))
+        model, rows, os.path.join(run_dir, "targets.jsonl"), lambda row: cache.continue_target_messages(row["text"]),
+        max_new_tokens=max_new_tokens, batch_size=gen_batch_size))
     def examples(row, t):
         return {name: cache.make_example(model.tok, SYSTEM_PROMPT, parts, t["target"], t["truncated"])
                 for name, parts in (("teacher", [CONTINUE + row["text"]]), ("student", [CONTINUE, SPEECH]))}
@@ -98,7 +97,7 @@ def losses(model, batch):
         teacher = model.response_logits([b["teacher"] for b in batch])
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
     kl = kl_loss(s["logits"], teacher["logits"], T=kl_temperature)
-    return kl, {"kl": kl.item(), "ce": ce_loss(s["logits"], s["targets"]).item()}
+    return kl, {"kl": kl.item(), "ce": F.cross_entropy(s["logits"].float(), s["targets"]).item()}
 
 
 def ctc_warmup(model, rows):
@@ -177,7 +176,7 @@ def main():
                 if asr_weight:
                     ids, labels, feats = zip(*[spoken[i] for i in heard[m]])
                     s = model.response_logits(list(zip(ids, labels)), feats)
-                    asr = ce_loss(s["logits"], s["targets"])
+                    asr = F.cross_entropy(s["logits"].float(), s["targets"])
                     loss, stats["asr"] = loss + asr_weight * asr, asr.item()
             (loss / grad_accum).backward()   # summed over the micro-steps: the gradient of their mean loss
             for k, v in {"loss": loss.item(), **stats}.items():

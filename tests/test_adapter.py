@@ -16,7 +16,7 @@ import cache
 import convert
 import data
 from tokenizer import Tokenizer
-from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, kl_loss, partial_lora
+from adapter import Adapter, LoRALinear, SpeechLM, add_lora, kl_loss, partial_lora
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
 
 IGNORE = data.IGNORE
@@ -117,13 +117,6 @@ def test_kl_loss():
     assert s3.grad.abs().sum() > 0
     with pytest.raises(RuntimeError, match="must match"):   # the response positions must line up
         kl_loss(torch.zeros(3, 5), torch.zeros(4, 5))
-
-
-def test_ce_loss():
-    V = 11
-    targets = torch.tensor([4, 5, 7, 8, 9, 10])
-    assert ce_loss(torch.zeros(6, V), targets).item() == pytest.approx(math.log(V))   # uniform -> log V
-    assert ce_loss(torch.zeros(4, 5), torch.tensor([0, 1, 2, 4])).item() == pytest.approx(math.log(5))
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -249,9 +242,7 @@ def test_chatml_layout_around_the_speech_slot(tok):
     speech = torch.randn(4, 32)
     out = lm.splice([ids], [speech], [labels])
     S = len(ids) + 3
-    assert out["ids"].shape == (1, S) and out["valid"].all()
-    assert out["ids"][0, k:k + 4].tolist() == [data.SPEECH] * 4
-    assert out["ids"][0, :k].tolist() == ids[:k] and out["ids"][0, k + 4:].tolist() == ids[k + 1:]
+    assert out["valid"].shape == (1, S) and out["valid"].all()
     assert out["speech_mask"][0].tolist() == [0.0] * k + [1.0] * 4 + [0.0] * (S - k - 4)
     assert out["labels"][0].tolist() == labels[:k] + [IGNORE] * 4 + labels[k + 1:]
     assert torch.equal(out["embeds"][0, k:k + 4], speech)
@@ -270,10 +261,10 @@ def test_splice_batches_equal_rows_alone(tok):
             assert batch["speech_mask"].sum() == 9 and batch["speech_mask"].dtype == torch.bool
             for b in range(2):
                 one = lm.splice([rows[b]], [speech[b]], [labs[b]])
-                n = one["ids"].shape[1]
-                cols = slice(0, n) if pad == "right" else slice(batch["ids"].shape[1] - n, None)
+                n = one["valid"].shape[1]
+                cols = slice(0, n) if pad == "right" else slice(batch["valid"].shape[1] - n, None)
                 assert batch["valid"][b].sum() == n and batch["valid"][b, cols].all()
-                for key in ("ids", "labels", "speech_mask", "embeds"):
+                for key in ("labels", "speech_mask", "embeds"):
                     assert torch.equal(batch[key][b, cols], one[key][0]), (pad, b, key)
                 # the decoder sees the same sequence: padding and the other row change nothing
                 got = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])[b, cols]
@@ -358,7 +349,7 @@ def test_stage1_step_teacher_and_student_line_up(tok):
         full = lm.decoder(embeds=b["embeds"], valid=b["valid"])
         shifted = F.cross_entropy(full[:, :-1].reshape(-1, tok.vocab_size), b["labels"][:, 1:].reshape(-1))
     assert t["targets"].tolist() == [y for _, labels in teacher for y in labels[1:] if y != IGNORE]
-    assert ce_loss(t_logits, t["targets"]).item() == pytest.approx(shifted.item(), rel=1e-5)
+    assert F.cross_entropy(t_logits, t["targets"]).item() == pytest.approx(shifted.item(), rel=1e-5)
     loss = kl_loss(s["logits"], t_logits)
     assert loss.item() > 0
     loss.backward()
@@ -375,7 +366,7 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     examples = [cache.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
     s = lm.response_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
-    loss = ce_loss(s["logits"], s["targets"]) + ce_loss(lm.emotion_logits(s["embeds"], s["lengths"]), torch.tensor([1, 3]))
+    loss = F.cross_entropy(s["logits"], s["targets"]) + F.cross_entropy(lm.emotion_logits(s["embeds"], s["lengths"]), torch.tensor([1, 3]))
     loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
     assert all(g is None for n, g in grads.items() if n not in names)
