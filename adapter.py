@@ -114,6 +114,11 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
 
 
+def ce_loss(logits, targets):
+    """The mean cross-entropy over the targets: the release's response_ce, and the emotion head's loss."""
+    return F.cross_entropy(logits.float(), targets)
+
+
 class SpeechLM(nn.Module):
     def __init__(self, encoder, adapter, decoder, tok, emotion_head=None, config=None):
         super().__init__()
@@ -122,11 +127,15 @@ class SpeechLM(nn.Module):
         self._prefixes = {}   # prefix_kv's: valid while the LLM's own weights stay as loaded
         self.config = dict(config or {})  # the run's config.json, paths resolved
 
+    @property
+    def padded(self):
+        """How this run hears: padded to 30 s (the release's way, its config says so) or real frames only."""
+        return self.config.get("padded", False)
+
     @torch.no_grad()
     def encode_audio(self, audios, padded=None):
-        """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained (padded to 30 s, as
-        the release, or real frames) unless padded says otherwise."""
-        padded = self.config.get("padded", False) if padded is None else padded
+        """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained unless padded."""
+        padded = self.padded if padded is None else padded
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32, device=w.device).reshape(-1) for a in audios]
         mel, frames = data.log_mel_batch(clips, self.encoder.cfg.n_mels, pad_to_30s=padded)

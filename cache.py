@@ -100,7 +100,7 @@ def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
 
 def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
-    padded = model.config.get("padded", False) if padded is None else padded
+    padded = model.padded if padded is None else padded
     feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
                          encoder_id(model.config["whisper"], padded))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]

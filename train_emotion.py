@@ -12,11 +12,10 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM
+from adapter import SpeechLM, ce_loss
 from configurator import configure
 from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH
 from model import pick_device
@@ -95,12 +94,12 @@ def head_loss(model, embeds, lengths, batch):
     """The emotion head's loss and accuracy on the adapter output."""
     logits = model.emotion_logits(embeds, lengths)
     labels = torch.tensor([b["label"] for b in batch], device=logits.device)
-    return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean().item()
+    return ce_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().item()
 
 
 def losses(model, batch):
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
-    ce = F.cross_entropy(s["logits"].float(), s["targets"])   # the release's response CE
+    ce = ce_loss(s["logits"], s["targets"])
     emo, acc = head_loss(model, s["embeds"], s["lengths"], batch)
     return ce + emotion_loss_weight * emo, {"ce": ce.item(), "emotion": emo.item(), "head_acc": acc}
 
@@ -127,7 +126,7 @@ def main():
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
-    config["padded"] = model.config["padded"] = model.config.get("padded", False) if padded is None else padded
+    config["padded"] = model.config["padded"] = model.padded if padded is None else padded
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
     trainable = model.trainable_parameters()   # adapter, emotion head, LoRA

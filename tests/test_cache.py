@@ -90,6 +90,8 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
                         seen.append((enc_id, encode(None))) or [torch.zeros(1, 2)] * len(paths))
 
     class Stub(SimpleNamespace):   # SpeechLM's own rule for how a run hears, without its networks
+        padded = SpeechLM.padded
+
         def encode_audio(self, clips, padded):
             return padded
     model = Stub(config={})
