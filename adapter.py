@@ -177,7 +177,7 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, messages, feats=(), *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                 on_token=None, generator=None):
+                 repetition_penalty=1.0, on_token=None, generator=None):
         """Reply to one conversation or a batch: new ids per conversation; SPEECH parts are heard from feats."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         rows = [self.tok.encode_chat(c, add_generation_prompt=True) for c in convs]
@@ -186,7 +186,8 @@ class SpeechLM(nn.Module):
         batch = self.splice([r[p:] for r in rows], [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
         return self.decoder.generate(
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=self.tok.eos_ids,
+            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+            stop_ids=self.tok.eos_ids,
             prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator,
             prefix=self.prefix_kv(rows[0][:p]))
 

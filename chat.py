@@ -5,8 +5,8 @@
 
 --ser prints the emotion head's reading; --speak reply.wav writes the reply spoken in a voice fitting the emotion heard
 (several replies numbered: reply-1.wav, ...); --emotion takes BLSP-Emo's empathy system prompt (--system, --instruction:
-your own); --quantize int8 decodes faster on a CPU; --dtype auto picks bf16 where this machine runs it fast;
---whisper, --llm load other folders than the run's; --verbose times the reply. Clips over Whisper's 30 s window are
+your own); --repetition_penalty=1 decodes plain greedy; --quantize int8 decodes faster on a CPU; --dtype auto picks
+bf16 where this machine runs it fast; --whisper, --llm load other folders than the run's; --verbose times the reply. Clips over Whisper's 30 s window are
 cut to their first 30 s (said on stderr). Bad input: one line on stderr, exit code 2.
 """
 import argparse
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, N_SAMPLES, SAMPLE_RATE, SPEECH,
-                  SYSTEM_PROMPT, AudioError, load_audio)
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, N_SAMPLES, REPETITION_PENALTY,
+                  SAMPLE_RATE, SPEECH, SYSTEM_PROMPT, AudioError, load_audio)
 
 
 def read_clip(path):
@@ -65,7 +65,8 @@ def reply(model, args, history, feats, show=None):
                 shown = text
     gen = torch.Generator(device=model.decoder.embed_tokens.weight.device).manual_seed(args.seed)
     new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, on_token=on_token, generator=gen)[0]
+                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                         on_token=on_token, generator=gen)[0]
     if args.verbose:
         n, ttft, dt = len(new), (times[0] if times else time.time()) - t0, time.time() - t0
         rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0
@@ -135,7 +136,7 @@ def main(argv=None):
         p.add_argument(flag)
     for flag, kind, default in [("--ckpt", str, "runs/emotion"), ("--dtype", str, "auto"), ("--seed", int, 0),
                                 ("--temperature", float, 0.0), ("--top_p", float, None), ("--top_k", int, None),
-                                ("--max_new_tokens", int, 128)]:
+                                ("--max_new_tokens", int, 128), ("--repetition_penalty", float, REPETITION_PENALTY)]:
         p.add_argument(flag, type=kind, default=default)
     args = p.parse_args(argv)
     from adapter import SpeechLM   # imported late: --help answers at once
@@ -143,6 +144,8 @@ def main(argv=None):
         clips = [read_clip(f) for f in args.files]   # check the input before spending seconds on loading
         if args.speak and not os.path.isdir(os.path.dirname(os.path.abspath(args.speak))):
             raise ValueError(f"--speak={args.speak}: no such folder")
+        if args.repetition_penalty <= 0:   # it divides and multiplies logits: 0 or a negative flips or breaks them
+            raise ValueError(f"--repetition_penalty={args.repetition_penalty}: must be > 0 (1: none)")
         model = SpeechLM.from_run(args.ckpt, device=args.device, dtype=args.dtype, whisper=args.whisper, llm=args.llm)
         if args.ser and model.emotion_head is None:
             raise ValueError(f"{args.ckpt} has no emotion head (a stage-1 run): drop --ser")

@@ -22,7 +22,7 @@ import torch
 import chat
 import speak
 from adapter import SpeechLM
-from data import EMOTIONS, N_SAMPLES, SAMPLE_RATE, AudioError
+from data import EMOTIONS, N_SAMPLES, REPETITION_PENALTY, SAMPLE_RATE, AudioError
 
 
 @torch.inference_mode()
@@ -133,7 +133,8 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
-    args.seed, args.top_k, args.top_p, args.verbose = 0, None, None, False   # what chat.reply reads besides
+    # what chat.reply reads besides
+    args.seed, args.top_k, args.top_p, args.verbose, args.repetition_penalty = 0, None, None, False, REPETITION_PENALTY
     try:
         model = SpeechLM.from_run(args.ckpt, device=args.device, dtype=args.dtype)   # once, for every visitor
     except (FileNotFoundError, ValueError, KeyError) as e:

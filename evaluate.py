@@ -26,7 +26,8 @@ import cache
 import data
 from adapter import Adapter, SpeechLM, partial_lora
 from cache import emotion_label, make_example, read_manifest
-from data import CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, REPETITION_PENALTY, SPEECH,
+                  SYSTEM_PROMPT)
 from model import KVCache
 from trainer import peak_rss_gb
 
@@ -51,13 +52,14 @@ def extract_label(reply):
 
 
 @torch.no_grad()
-def replies(model, items, system, instruction, max_new_tokens, batch_size=64):
-    """Greedy replies of the model to each item's clip (its cached encoder features) after an instruction."""
+def replies(model, items, system, instruction, max_new_tokens, batch_size=64, repetition_penalty=1.0):
+    """The model's greedy replies to each item's clip (its cached encoder features) after an instruction."""
     out = []
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": [instruction, SPEECH]}]
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        new = model.generate([msgs] * len(chunk), feats=[it["feats"] for it in chunk], max_new_tokens=max_new_tokens)
+        new = model.generate([msgs] * len(chunk), feats=[it["feats"] for it in chunk], max_new_tokens=max_new_tokens,
+                             repetition_penalty=repetition_penalty)
         out += [model.tok.decode(t).strip() for t in new]
     return out
 
@@ -274,7 +276,7 @@ def plot_confusion(res, path):
     return True
 
 
-def tone_table(model, items, system, instruction, max_new_tokens=48):
+def tone_table(model, items, system, instruction, repetition_penalty, max_new_tokens=48):
     """Replies to every held-out sentence in its five emotional versions (one voice per sentence)."""
     groups = defaultdict(dict)
     for it in items:
@@ -287,7 +289,7 @@ def tone_table(model, items, system, instruction, max_new_tokens=48):
             seen.add(text)
             chosen.append((text, voice))
     flat = [groups[k][e] for k in chosen for e in EMOTIONS]
-    out = replies(model, flat, system, instruction, max_new_tokens)
+    out = replies(model, flat, system, instruction, max_new_tokens, repetition_penalty=repetition_penalty)
     rows = [{"text": k[0], "voice": k[1], **{e: out[i * len(EMOTIONS) + j] for j, e in enumerate(EMOTIONS)}}
             for i, k in enumerate(chosen)]
     differ = sum(r["happy"] != r["sad"] for r in rows) / max(len(rows), 1)
@@ -350,6 +352,7 @@ ser_manifest = ""               # a SER test set (scripts/ser_corpora.py): only 
 map = {}                        # fold a dataset's labels into the five (as train_emotion.py --map)
 device = ""
 dtype = "auto"                  # bf16 where the device runs it fast, else fp32
+repetition_penalty = REPETITION_PENALTY   # the tone table's replies, decoded as chat.py's (1: plain greedy)
 quantize = ""                   # "int8": the LLM's linear layers in int8 weight-only (quantize.py), faster CPU decode
 n_stage1_examples = 6
 content_clips = 30              # content retrieval: the first clips of asr_manifest ...
@@ -435,14 +438,14 @@ def main():
     # instruction; stage 1 is asked the same, as the baseline of the fit gap
     paper = json.load(open(os.path.join(stage2, "config.json"))).get("paper_prompts", False)
     heard = CONTINUE_HEARD_EMOTION if paper else ""
-    tone1 = tone_table(m1, base_items, EMOTION_SYSTEM_PROMPT, heard)[0] if vader else []
+    tone1 = tone_table(m1, base_items, EMOTION_SYSTEM_PROMPT, heard, repetition_penalty)[0] if vader else []
     del m1
     m2 = load(stage2)
     test = emotion_items(m2, emo_manifest)
     res = ser_eval(m2, test)
     print_ser(res, "stage 2")
     plot_confusion(res, os.path.join(out, "confusion.png"))
-    tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard)
+    tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard, repetition_penalty)
     closed = ser_closed(m2, test)
     head_other = (accuracy(head_confusion(m2, emotion_items(m2, other_manifest)))
                   if os.path.exists(other_manifest) else None)

@@ -368,9 +368,11 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None,
-                 prefix=None):
+                 prefix=None, repetition_penalty=1.0):
         """Prompts LEFT-padded, after a PrefixKV they all start with (if any), read inside prompt_scope (SpeechLM's
-        partial LoRA) -> each row's new tokens; on_token(ids (B,), -1 for finished rows) streams them."""
+        partial LoRA) -> each row's new tokens; on_token(ids (B,), -1 for finished rows) streams them.
+        repetition_penalty > 1: CTRL's penalty (Keskar et al., 2019) on the ids this reply has already used (not the
+        prompt's: a speech prompt has none): a positive logit is divided by it, a negative one multiplied."""
         x = tokens if embeds is None else embeds
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
         n = 0 if prefix is None else prefix.len
@@ -381,8 +383,13 @@ class Decoder(nn.Module):
         with prompt_scope:
             logits = self(tokens, embeds=embeds, valid=valid, cache=cache, logits_at=-1)
         done, out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device), []
+        used = torch.zeros(logits.shape, dtype=torch.bool, device=x.device)   # (B, V): ids each reply has used
         for step in range(max_new_tokens):
+            if repetition_penalty != 1.0:
+                logits = torch.where(used, torch.where(logits > 0, logits / repetition_penalty,
+                                                       logits * repetition_penalty), logits)
             token = sample(logits, temperature, top_k, top_p, generator)
+            used[torch.arange(len(token)), token] = True
             done |= torch.isin(token, stop)
             out.append(token.masked_fill(done, -1))
             if on_token is not None:

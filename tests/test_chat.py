@@ -72,6 +72,8 @@ BAD = {   # case -> (extra args, what the message must name)
                              lambda s: [os.path.join(s["noweights"], "model.safetensors"), "missing"]),
     "no run folder": (lambda s: [s["clips"]["a"], f"--ckpt={s['empty_dir']}"],
                       lambda s: [os.path.join(s["empty_dir"], "config.json"), "missing"]),
+    "repetition penalty 0": (lambda s: [s["clips"]["a"], "--repetition_penalty=0"],
+                             lambda s: ["--repetition_penalty=0.0", "must be > 0"]),
     # the adapter was trained for (whisper, llm32); loading it on llm48 names both pairs and both widths
     "adapter for another LLM": (lambda s: [s["clips"]["a"], f"--llm={s['llm48']}"],
                                 lambda s: ["does not fit", "llm32", "d_llm 32", s["llm48"], "dim 48"]),

@@ -26,7 +26,7 @@ import data
 import speak
 import synth
 from adapter import SpeechLM
-from data import EMOTIONS
+from data import EMOTIONS, REPETITION_PENALTY
 from test_prepare import real  # noqa: F401  (a fixture: whisper-base and SmolLM2 fetched and prepared)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
 MAX_NEW = 24
-ARGS = Namespace(seed=0, temperature=0.0, top_k=None, top_p=None, max_new_tokens=MAX_NEW, verbose=False)  # as demo.py
+ARGS = Namespace(seed=0, temperature=0.0, top_k=None, top_p=None, max_new_tokens=MAX_NEW, verbose=False,
+                 repetition_penalty=REPETITION_PENALTY)  # as demo.py
 
 
 def same_text(a, b):

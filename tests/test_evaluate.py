@@ -160,15 +160,15 @@ def test_tone_table_pairs_the_five_versions(model, monkeypatch):
     partial = [dict(it, text="sentence 9") for it in its[:4]]   # only four emotions: left out
     seen = []
 
-    def fake_replies(m, flat, system, instruction, max_new_tokens, batch_size=16):
-        seen.append([(it["text"], it["voice"], EMOTIONS[it["label"]]) for it in flat])
+    def fake_replies(m, flat, system, instruction, max_new_tokens, batch_size=16, repetition_penalty=1.0):
+        seen.append([(it["text"], it["voice"], EMOTIONS[it["label"]], repetition_penalty) for it in flat])
         # sentence 1: happy and sad answered alike; the others differ
         return [("same" if it["text"] == "sentence 1" and it["label"] in (1, 3) else f"{it['text']} {it['label']}")
                 for it in flat]
     monkeypatch.setattr(ev, "replies", fake_replies)
-    rows, differ = ev.tone_table(model, its + extra + partial, ev.EMOTION_SYSTEM_PROMPT, ev.CONTINUE_HEARD_EMOTION)
+    rows, differ = ev.tone_table(model, its + extra + partial, ev.EMOTION_SYSTEM_PROMPT, ev.CONTINUE_HEARD_EMOTION, 1.3)
     assert [(r["text"], r["voice"]) for r in rows] == [("sentence 0", "v0"), ("sentence 1", "v0"), ("sentence 2", "v0")]
-    assert seen == [[(f"sentence {s}", "v0", e) for s in range(3) for e in EMOTIONS]]
+    assert seen == [[(f"sentence {s}", "v0", e, 1.3) for s in range(3) for e in EMOTIONS]]   # decoded as asked
     assert rows[1]["happy"] == rows[1]["sad"] == "same" and rows[0]["happy"] == "sentence 0 1"
     assert differ == pytest.approx(2 / 3)
 

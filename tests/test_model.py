@@ -224,6 +224,22 @@ def test_left_padded_batch_generate_equals_single(pair):
         assert got[i] == single[0] == hf_greedy(hf, p[None], 12)[0]
 
 
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")   # it says what we test
+def test_repetition_penalty_matches_transformers_from_embeddings(pair):
+    """The penalty counts the reply's own ids, as transformers' does when the prompt is given as embeddings
+    (how the release and SpeechLM prompt with speech): equal greedy ids, and not the unpenalized ones."""
+    hf, ours, _ = pair
+    prompt = torch.randint(0, VOCAB, (2, 7))
+    embeds = ours.embed_tokens(prompt).detach()
+    plain = ours.generate(embeds=embeds, max_new_tokens=16)
+    assert any(len(set(row)) < len(row) for row in plain)   # greedy repeats itself here: the penalty has work
+    got = ours.generate(embeds=embeds, max_new_tokens=16, repetition_penalty=1.8)
+    ref = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                      min_new_tokens=16, do_sample=False, pad_token_id=0, repetition_penalty=1.8)
+    assert got == ref.tolist()
+    assert got != plain
+
+
 def test_stop_ids_sampling_and_streaming(pair):
     _, ours, _ = pair
     prompt = torch.randint(0, VOCAB, (2, 5))
