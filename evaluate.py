@@ -355,7 +355,7 @@ dtype = "auto"                  # bf16 where the device runs it fast, else fp32
 repetition_penalty = REPETITION_PENALTY   # the tone table's replies, decoded as chat.py's (1: plain greedy)
 quantize = ""                   # "int8": the LLM's linear layers in int8 weight-only (quantize.py), faster CPU decode
 n_stage1_examples = 6
-content_clips = 30              # content retrieval: the first clips of asr_manifest ...
+content_clips = 100             # content retrieval: the first clips of asr_manifest (30 moved +-8 points) ...
 content_distractors = 9         # ... each against this many other clips' targets (chance 1 / 10)
 started = 0                     # run.sh passes its start time, so wall_s covers the whole run
 
