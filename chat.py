@@ -6,8 +6,8 @@
 --ser prints the emotion head's reading; --speak reply.wav writes the reply spoken in a voice fitting the emotion heard
 (several replies numbered: reply-1.wav, ...); --emotion takes BLSP-Emo's empathy system prompt (--system, --instruction:
 your own); --repetition_penalty=1 decodes plain greedy; --quantize int8 decodes faster on a CPU; --dtype auto picks
-bf16 where this machine runs it fast; --whisper, --llm load other folders than the run's; --verbose times the reply. Clips over Whisper's 30 s window are
-cut to their first 30 s (said on stderr). Bad input: one line on stderr, exit code 2.
+bf16 where this machine runs it fast; --whisper, --llm load other folders than the run's; --verbose times the reply.
+Clips over Whisper's 30 s window are cut to their first 30 s (said on stderr). Bad input: one line on stderr, exit 2.
 """
 import argparse
 import itertools

@@ -53,7 +53,8 @@ def extract_label(reply):
 
 @torch.no_grad()
 def replies(model, items, system, instruction, max_new_tokens, batch_size=64, repetition_penalty=1.0):
-    """The model's greedy replies to each item's clip (its cached encoder features) after an instruction."""
+    """The model's greedy replies (with CTRL's repetition_penalty, 1: none) to each item's clip (its cached encoder
+    features) after an instruction."""
     out = []
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": [instruction, SPEECH]}]
     for i in range(0, len(items), batch_size):

@@ -383,13 +383,15 @@ class Decoder(nn.Module):
         with prompt_scope:
             logits = self(tokens, embeds=embeds, valid=valid, cache=cache, logits_at=-1)
         done, out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device), []
-        used = torch.zeros(logits.shape, dtype=torch.bool, device=x.device)   # (B, V): ids each reply has used
+        # (B, V): the ids each reply has used, kept only when a penalty reads them
+        used = None if repetition_penalty == 1.0 else torch.zeros(logits.shape, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
-            if repetition_penalty != 1.0:
+            if used is not None:
                 logits = torch.where(used, torch.where(logits > 0, logits / repetition_penalty,
                                                        logits * repetition_penalty), logits)
             token = sample(logits, temperature, top_k, top_p, generator)
-            used[torch.arange(len(token)), token] = True
+            if used is not None:
+                used[torch.arange(len(token)), token] = True
             done |= torch.isin(token, stop)
             out.append(token.masked_fill(done, -1))
             if on_token is not None:
