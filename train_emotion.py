@@ -127,6 +127,7 @@ def main():
     model = SpeechLM.from_run(init_from, device=dev, dtype=dtype)
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
     config["padded"] = model.config["padded"] = model.padded if padded is None else padded
+    config.update(stage="emotion", whisper=model.config["whisper"], llm=model.config["llm"])   # the run's folders
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
     trainable = model.trainable_parameters()   # adapter, emotion head, LoRA
@@ -168,14 +169,13 @@ def main():
             log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
         if stopping or due(step, ckpt_interval, steps):
-            save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),
+            save_checkpoint(out_dir, step, model, opt, config, keep_last, n_items=len(items),
                             batch_size=batch_size, elapsed=time.time() - t0)
         if stopping:
             raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
 
     if rank == 0:
-        model.save_run(out_dir, {**config, "stage": "emotion", "whisper": model.config["whisper"],
-                                 "llm": model.config["llm"]})
+        model.save_run(out_dir, config)
         summary = {"steps": step, **{f"eval_{k}": v for k, v in last_eval.items()}, "peak_rss_gb": peak_rss_gb()}
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

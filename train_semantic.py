@@ -72,7 +72,7 @@ ckpt_interval = 50
 keep_last = 2               # checkpoints kept; 0: all
 resume = False              # continue from the newest checkpoint in out_dir/checkpoints
 seed = 0
-config = configure(globals(), sys.argv[1:])
+config = configure(globals(), sys.argv[1:]) | {"stage": "semantic"}   # what chat.py reads to prompt it
 # -------------------------------------------------------------------------------
 
 
@@ -196,13 +196,13 @@ def main():
             log_row(log, step=step, split="eval", **last_eval, elapsed=round(time.time() - t0, 3))
         stopping = any_rank(stop.is_set())   # Ctrl-C: every rank saves this step, then stops
         if stopping or due(step, ckpt_interval, steps):
-            save_checkpoint(out_dir, step, trainable, opt, config, keep_last, n_items=len(items),
+            save_checkpoint(out_dir, step, model, opt, config, keep_last, n_items=len(items),
                             batch_size=batch_size, elapsed=time.time() - t0)
         if stopping:
             raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
 
     if rank == 0:
-        model.save_run(out_dir, {**config, "stage": "semantic"})
+        model.save_run(out_dir, config)
         summary = {**(json.load(open(summary_path)) if os.path.exists(summary_path) else {}), "steps": step,
                    "kl_end": last_eval.get("kl"), "ce_end": last_eval.get("ce"), "peak_rss_gb": peak_rss_gb()}
         with open(summary_path, "w") as f:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data import atomic_write
 
@@ -213,10 +213,11 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
     return step, elapsed
 
 
-def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
-    """checkpoints/step_N (the newest keep_last kept, 0: all). Every rank hands over its RNG state; rank 0 writes."""
+def save_checkpoint(run_dir, step, model, opt, config, keep_last, **extra):
+    """checkpoints/step_N: a run folder (model.save_run: chat.py and evaluate.py load it) + state.pt, the optimizer
+    and every rank's RNG state for an exact resume; the newest keep_last kept (0: all). Rank 0 writes."""
     rank, world = _rank_world()
-    device = next(iter(trainable.values())).device
+    device = model.adapter.fc1.weight.device
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -228,10 +229,7 @@ def save_checkpoint(run_dir, step, trainable, opt, config, keep_last, **extra):
     final = Path(run_dir, "checkpoints", f"step_{step:07d}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_write(tmp / "model.safetensors", lambda p: save_file(
-        {n: t.detach().contiguous().cpu() for n, t in trainable.items()}, str(p)))
-    atomic_write(tmp / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2, default=str)))
+    model.save_run(tmp, config)
     state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs, **extra}
     atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
     shutil.rmtree(final, ignore_errors=True)

@@ -358,16 +358,23 @@ def test_weight_decay_skips_biases_and_gains():
     assert [(g["params"], g["weight_decay"]) for g in opt.param_groups] == [([w], 0.5), ([b], 0.0)]
 
 
-def test_resume_refuses_other_data(tmp_path):
-    # a checkpoint's place in the batch order means nothing for another item count or batch size
-    w = torch.nn.Parameter(torch.ones(2, 2))
-    opt = trainer.adamw([w], lr=0.1, weight_decay=0.0)
-    trainer.save_checkpoint(tmp_path, 3, {"w": w}, opt, {}, keep_last=0, n_items=20, batch_size=4, elapsed=1.0)
+def test_checkpoint_is_a_run_folder_and_resume_refuses_other_data(speech, tmp_path):
+    from adapter import SpeechLM
+    model = SpeechLM.from_run(speech["stage1"], device="cpu")
+    trainable = model.trainable_parameters()
+    opt = trainer.adamw(list(trainable.values()), lr=0.1, weight_decay=0.0)
+    with torch.no_grad():
+        trainable["adapter.fc1.weight"].add_(1.0)   # what training changed is what the checkpoint holds
+    trainer.save_checkpoint(tmp_path, 3, model, opt, {**model.config, "lr": 0.1}, keep_last=0, n_items=20,
+                            batch_size=4, elapsed=1.0)
     ckpt = trainer.last_checkpoint(tmp_path, resume=True)
     assert ckpt.name == "step_0000003"
-    assert trainer.start_or_resume(tmp_path, ckpt, {"w": w}, opt, 0, n_items=20, batch_size=4) == (3, 1.0)
+    back = SpeechLM.from_run(str(ckpt), device="cpu")   # chat.py and evaluate.py read a checkpoint as a run
+    assert back.config["lr"] == 0.1 and torch.equal(back.adapter.fc1.weight, trainable["adapter.fc1.weight"])
+    assert trainer.start_or_resume(tmp_path, ckpt, trainable, opt, 0, n_items=20, batch_size=4) == (3, 1.0)
+    # a checkpoint's place in the batch order means nothing for another item count or batch size
     with pytest.raises(ValueError, match="its place in the data"):
-        trainer.start_or_resume(tmp_path, ckpt, {"w": w}, opt, 0, n_items=24, batch_size=4)
+        trainer.start_or_resume(tmp_path, ckpt, trainable, opt, 0, n_items=24, batch_size=4)
 
 
 def test_scripts_import_neither_the_model_here_nor_evaluate():
