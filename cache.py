@@ -48,9 +48,11 @@ def continue_target_messages(text):
 
 
 def emotion_target_messages(text, emotion, paper=False):
-    """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a 135M
-    LLM repeats the sentence whatever the label, so the default asks for a reply to it said in that voice."""
-    user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"{text} (said in a {emotion} voice)"
+    """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a small LLM
+    repeats the sentence whatever the label; asked to reply to it "(said in a sad voice)", Qwen2.5 refuses (it
+    cannot speak). Told "I feel sad." first, both LLMs reply to the feeling."""
+    feeling = "surprised" if emotion == "surprise" else emotion
+    user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"I feel {feeling}. {text}"
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 import cache
-from data import N_SAMPLES, SAMPLE_RATE, load_audio, log_mel
+from data import EMOTION_SYSTEM_PROMPT, N_SAMPLES, SAMPLE_RATE, load_audio, log_mel
 from adapter import SpeechLM
 from model import WhisperConfig, WhisperEncoder
 
@@ -101,3 +101,10 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
         assert n_bad == 0 and kept[0]["feats"].shape == (1, 2)
     assert [p for _, p in seen] == [False, True, False, False]
     assert seen[0][0] == seen[2][0] != seen[1][0] == cache.encoder_id(str(tmp_path), True)
+
+
+def test_stage2_teacher_is_told_the_feeling_first():
+    # "I feel surprise." is not English; the release's continuation prompt stays behind paper=True
+    assert [m["content"] for m in cache.emotion_target_messages("It rains.", "surprise")] == \
+        [EMOTION_SYSTEM_PROMPT, "I feel surprised. It rains."]
+    assert cache.emotion_target_messages("It rains.", "sad", paper=True)[1]["content"].endswith("'sad' emotion tone in a coherent style: It rains.")
