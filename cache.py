@@ -50,8 +50,8 @@ def continue_target_messages(text):
 def emotion_target_messages(text, emotion, paper=False):
     """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a small LLM
     repeats the sentence whatever the label; asked to reply to it "(said in a sad voice)", Qwen2.5 refuses (it
-    cannot speak). Told "I feel sad." first, both LLMs reply to the feeling."""
-    feeling = "surprised" if emotion == "surprise" else emotion
+    cannot speak). Told "I feel sad." first, both LLMs reply to the feeling. ("I feel neutral." it refuses too.)"""
+    feeling = {"neutral": "calm", "surprise": "surprised"}.get(emotion, emotion)
     user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"I feel {feeling}. {text}"
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 

@@ -107,4 +107,5 @@ def test_stage2_teacher_is_told_the_feeling_first():
     # "I feel surprise." is not English; the release's continuation prompt stays behind paper=True
     assert [m["content"] for m in cache.emotion_target_messages("It rains.", "surprise")] == \
         [EMOTION_SYSTEM_PROMPT, "I feel surprised. It rains."]
+    assert cache.emotion_target_messages("It rains.", "neutral")[1]["content"] == "I feel calm. It rains."
     assert cache.emotion_target_messages("It rains.", "sad", paper=True)[1]["content"].endswith("'sad' emotion tone in a coherent style: It rains.")
