@@ -297,4 +297,3 @@ class SpeechLM(nn.Module):
                           lambda p: save_file(weights, p, metadata={"format": "pt"}))
         data.atomic_write(os.path.join(run_dir, "config.json"),
                           lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-        self.config = {**config, **usable}
