@@ -64,25 +64,31 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft: A random, B zero -> delta 0
         self.lora_dropout = nn.Dropout(dropout)
-        self.rows = None  # the speech rows, set by partial_lora for the forwards inside it
+        self.rows = None  # (positions computed, the speech rows among them), set by partial_lora inside it
 
     def forward(self, x):
         y = super().forward(x)   # the base: nn.Linear's float matmul, or quantize.Int8Linear's int8 one
         if self.rows is None:
             return y
+        n, rows = self.rows
+        xs, ys = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if xs.shape[0] != n:   # a caller gave the decoder valid but not partial_lora
+            raise ValueError(f"partial_lora marked {n} positions, the decoder computes {xs.shape[0]}")
         # the delta computed at the speech rows only: the same numbers as a full delta times the mask
-        xs = x.reshape(-1, x.shape[-1]).index_select(0, self.rows)
-        d = F.linear(F.linear(self.lora_dropout(xs), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
-        return y.reshape(-1, y.shape[-1]).index_add(0, self.rows, d.to(y.dtype)).view_as(y)
+        d = F.linear(F.linear(self.lora_dropout(xs[rows]), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        d = d * self.scale
+        return ys.index_add(0, rows, d.to(y.dtype)).view_as(y)
 
 
 @contextlib.contextmanager
-def partial_lora(decoder, speech_mask):
-    """The paper's partial LoRA: inside this block LoRA adds its delta only where speech_mask (B, S) is True."""
+def partial_lora(decoder, speech_mask, valid=None):
+    """The paper's partial LoRA: inside this block LoRA adds its delta only where speech_mask (B, S) is True. valid:
+    the one the decoder is given (it computes only the real positions: the speech rows are counted among those)."""
     layers = [m for m in decoder.modules() if isinstance(m, LoRALinear)]
-    rows = speech_mask.reshape(-1).nonzero().squeeze(1)   # found once, shared by every layer
+    rows = (speech_mask if valid is None else speech_mask[valid]).reshape(-1)
+    n, rows = len(rows), rows.nonzero().squeeze(1)   # found once, shared by every layer
     for m in layers:
-        m.rows = rows
+        m.rows = n, rows
     try:
         yield
     finally:
@@ -142,13 +148,22 @@ class SpeechLM(nn.Module):
         x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded)
         return [x[i, :n] for i, n in enumerate(out_lengths.tolist())]
 
-    def speech_embeds(self, feats):
+    def speech_embeds(self, feats, chunk=8):
+        """Encoder frames, one (T_i, d_enc) per clip -> (adapter output (B, T', d_llm), zero past each row's length;
+        lengths (B,)). The clips go through the adapter by length, `chunk` at a time: a random batch of 32 is about
+        half padding, and each clip's output is the same alone or in any batch (Adapter zeroes the padding)."""
         p = self.adapter.fc1.weight
         lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long, device=p.device)
-        if not len(feats):   # a prompt without speech
+        out, order = [None] * len(feats), sorted(range(len(feats)), key=lambda i: feats[i].shape[0])
+        for c in range(0, len(order), chunk):
+            idx = order[c:c + chunk]
+            x = nn.utils.rnn.pad_sequence([feats[i].to(p.device, p.dtype) for i in idx], batch_first=True)
+            y, n = self.adapter(x, lengths[idx])
+            for j, i in enumerate(idx):
+                out[i] = y[j, :n[j]]
+        if not out:   # a prompt without speech
             return p.new_zeros(0, 0, self.adapter.settings["d_llm"]), lengths
-        x = nn.utils.rnn.pad_sequence([f.to(p.device, p.dtype) for f in feats], batch_first=True)
-        return self.adapter(x, lengths)
+        return nn.utils.rnn.pad_sequence(out, batch_first=True), self.adapter.out_lengths(lengths)
 
     def emotion_logits(self, embeds, lengths):
         """Adapter output (zero past each row's length) -> (B, num_emotions), on the mean over the real frames."""
@@ -188,8 +203,8 @@ class SpeechLM(nn.Module):
             embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
             stop_ids=self.tok.eos_ids,
-            prompt_scope=partial_lora(self.decoder, batch["speech_mask"]), on_token=on_token, generator=generator,
-            prefix=self.prefix_kv(rows[0][:p]))
+            prompt_scope=partial_lora(self.decoder, batch["speech_mask"], batch["valid"]), on_token=on_token,
+            generator=generator, prefix=self.prefix_kv(rows[0][:p]))
 
     def response_logits(self, examples, feats=()):
         """(ids, labels) rows + encoder frames for their SPEECH slots, if any -> dict(logits (N, V) at the response
@@ -208,7 +223,7 @@ class SpeechLM(nn.Module):
         at, targets = torch.zeros_like(b["labels"], dtype=torch.bool), b["labels"][:, 1:]
         at[:, :-1] = targets != data.IGNORE
         targets = targets[targets != data.IGNORE]
-        with partial_lora(self.decoder, b["speech_mask"]):
+        with partial_lora(self.decoder, b["speech_mask"], b["valid"]):
             logits = self.decoder(embeds=b["embeds"], valid=b["valid"], cache=prefix, logits_at=at)
         return dict(logits=logits, targets=targets, embeds=embeds, lengths=lengths)
 

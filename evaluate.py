@@ -167,7 +167,7 @@ def reply_logprobs(model, examples, feats=None, batch_size=16):
         answers = [r for g in chunk for r in g[2:]]
         n = torch.tensor([len(g) - 2 for g in chunk], device=w.device)
         cache = KVCache(dec.cfg, len(chunk), b["embeds"].shape[1] + max(len(r) for r in answers), w.device, w.dtype)
-        with partial_lora(dec, b["speech_mask"]):
+        with partial_lora(dec, b["speech_mask"], b["valid"]):
             first = dec(embeds=b["embeds"], valid=b["valid"], cache=cache, logits_at=-1)   # each reply's 1st token
         cache.kv, cache.valid = cache.kv.repeat_interleave(n, 2), cache.valid.repeat_interleave(n, 0)
         ids, _, valid = data.pad_batch(answers, model.tok.pad_id, side="right")

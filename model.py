@@ -271,6 +271,24 @@ class PrefixKV:
         return torch.cat([pk, k], 2), torch.cat([pv, v], 2)
 
 
+class Grid:
+    """Which positions of a (B, S) batch the decoder computes: with valid given, the real ones only (N of B * S),
+    so the projections and the MLP, nearly all the work, skip the padding; attention scatters back to (B, S)."""
+
+    def __init__(self, B, S, valid=None):
+        self.shape = (B, S)
+        self.index = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
+
+    def gather(self, t):   # (B, S, ...) -> (N, ...)
+        t = t.reshape(-1, *t.shape[2:])
+        return t if self.index is None else t.index_select(0, self.index)
+
+    def scatter(self, t):   # (N, ...) -> (B, S, ...), zero at the padding
+        if self.index is not None:
+            t = t.new_zeros(self.shape[0] * self.shape[1], *t.shape[1:]).index_copy(0, self.index, t)
+        return t.view(*self.shape, *t.shape[1:])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_id):
         super().__init__()
@@ -280,15 +298,16 @@ class Attention(nn.Module):
                                                  for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads))
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
-        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+    def forward(self, x, cos, sin, mask, cache, grid):
+        """x (N, dim): the positions grid computes; attention itself runs on the (B, S) grid, padding masked."""
+        q = grid.scatter(apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, -1)), cos, sin)).transpose(1, 2)
+        k = grid.scatter(apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, -1)), cos, sin)).transpose(1, 2)
+        v = grid.scatter(self.v_proj(x).unflatten(-1, (self.n_kv_heads, -1))).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).flatten(2))
+        return self.o_proj(grid.gather(y.transpose(1, 2).flatten(2)))
 
 
 class MLP(nn.Module):
@@ -307,8 +326,8 @@ class Block(nn.Module):
         self.input_layernorm, self.self_attn = RMSNorm(cfg.dim, cfg.norm_eps), Attention(cfg, layer_id)
         self.post_attention_layernorm, self.mlp = RMSNorm(cfg.dim, cfg.norm_eps), MLP(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, grid):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, grid)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -341,9 +360,9 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(cfg)   # a plain tensor, not a buffer: .to(bf16) must not round it
 
     def forward(self, tokens=None, *, embeds=None, valid=None, cache=None, logits_at=None):
-        """valid (B, S): False at padding. cache: a KVCache to fill (generation) or a PrefixKV the rows follow.
-        logits_at: an index along S or a bool (B, S) mask (None: every position); only the rows read pay for the
-        vocabulary head."""
+        """valid (B, S): False at padding, which is then never computed. cache: a KVCache to fill (generation) or a
+        PrefixKV the rows follow. logits_at: an index along S or a bool (B, S) mask (None: every position); only the
+        rows read pay for the vocabulary head."""
         x = self.embed_tokens(tokens) if embeds is None else embeds.to(self.embed_tokens.weight.dtype)
         B, S, _ = x.shape
         start, mask = 0 if cache is None else cache.len, None
@@ -355,12 +374,14 @@ class Decoder(nn.Module):
             ki = torch.arange(start + S, device=x.device)
             # causal and key real; a padding query still sees itself, else its all -inf softmax row makes a NaN
             mask = (((ki <= qi) & keys[:, None]) | (ki == qi))[:, None]
-        pos = (keys.cumsum(1) - keys.long())[:, start:]   # RoPE position = real tokens before this one
-        freqs = pos[..., None].float() * self.inv_freq.to(x.device)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]   # (B, 1, S, head_dim)
-        cos, sin = emb.cos(), emb.sin()
+        grid = Grid(B, S, None if valid is None else valid.bool())
+        pos = grid.gather((keys.cumsum(1) - keys.long())[:, start:])   # RoPE position = real tokens before this one
+        freqs = pos[:, None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]   # (N, 1, head_dim)
+        cos, sin, x = emb.cos(), emb.sin(), grid.gather(x)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, grid)
+        x = grid.scatter(x)
         if logits_at is not None:
             x = x[logits_at] if isinstance(logits_at, torch.Tensor) else x[:, logits_at]
         return self.lm_head(self.norm(x))

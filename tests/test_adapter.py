@@ -181,6 +181,15 @@ def test_lora_zero_init_and_partial_mask():
         assert torch.equal(part[:, :5], ref[:, :5])                          # before the slot: the base model
         assert (part[:, 5:] - ref[:, 5:]).abs().amax(dim=(0, 2)).min() > 1e-3   # the slot and all after it change
         assert torch.equal(dec(tokens), ref)                                 # and off again after the block
+        # with padding the decoder computes the real positions only: partial_lora is told the same valid
+        valid = torch.ones(2, 12, dtype=torch.bool)
+        valid[1, 9:] = False
+        with partial_lora(dec, speech, valid):
+            padded = dec(tokens, valid=valid)
+        assert torch.allclose(padded[0], part[0], atol=1e-6) and torch.allclose(padded[1, :9], part[1, :9], atol=1e-6)
+        with pytest.raises(ValueError, match="partial_lora marked 24 positions, the decoder computes 21"):
+            with partial_lora(dec, speech):
+                dec(tokens, valid=valid)
 
 
 # ----------------------------------------------------------------------------- tokenizer, SpeechLM
@@ -319,9 +328,9 @@ def test_generate_batches_and_partial_lora(tok, monkeypatch):
     seen, masks = [], []
     real = adapter.partial_lora
 
-    def spy(decoder, speech_mask):
+    def spy(decoder, speech_mask, valid):
         masks.append(speech_mask)
-        return real(decoder, speech_mask)
+        return real(decoder, speech_mask, valid)
     monkeypatch.setattr(adapter, "partial_lora", spy)
     both = lm.generate(convs, feats=feats, max_new_tokens=6, on_token=lambda ids: seen.append(ids.tolist()))
     assert len(seen) >= 1 and all(len(s) == 2 for s in seen)
@@ -408,7 +417,7 @@ def test_shared_prompt_start_runs_once_and_changes_nothing(tok):
                   [y for _, y in examples])
     at = torch.zeros_like(b["labels"], dtype=torch.bool)
     at[:, :-1] = b["labels"][:, 1:] != IGNORE
-    with partial_lora(lm.decoder, b["speech_mask"]):
+    with partial_lora(lm.decoder, b["speech_mask"], b["valid"]):
         whole = lm.decoder(embeds=b["embeds"], valid=b["valid"], logits_at=at)
     assert torch.allclose(s["logits"], whole, atol=1e-5)
     for g, h in zip(grads_of(s["logits"]), grads_of(whole)):

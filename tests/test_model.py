@@ -178,6 +178,12 @@ def test_logits_match_transformers(pair):
         assert not got.isnan().any()
         assert max_diff(got[valid], want[valid]) < TOL
         assert max_diff(ours(tokens, valid=valid, logits_at=valid), want[valid]) < TOL
+        # the padding is never computed: the layers see the 63 real positions, not 80
+        seen = []
+        h = ours.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        ours(tokens, valid=valid)
+        h.remove()
+        assert seen == [63]
         # logits_at: an index along the sequence
         full = ours(tokens)
         assert max_diff(ours(tokens, logits_at=-1), full[:, -1]) < 1e-6
@@ -274,7 +280,8 @@ def test_prompt_scope_covers_the_prompt_only(pair):
         inside[0] = True
         yield
         inside[0] = False
-    h = ours.layers[0].self_attn.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[1], inside[0])))
+    # the attention sees (positions computed, dim): one row here
+    h = ours.layers[0].self_attn.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[0], inside[0])))
     ours.generate(torch.randint(0, VOCAB, (1, 4)), prompt_scope=scope(), max_new_tokens=3, stop_ids=[])
     h.remove()
     assert seen == [(4, True), (1, False), (1, False)]

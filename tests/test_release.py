@@ -360,7 +360,7 @@ def test_converted_run_matches_the_reference(converted):
     assert row.count(data.SPEECH) == 1 and max(row) < VOCAB, row
     with torch.no_grad():
         batch = lm.splice([row], [sp[0]])
-        with partial_lora(lm.decoder, batch["speech_mask"]):
+        with partial_lora(lm.decoder, batch["speech_mask"], batch["valid"]):
             logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
         plain = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
     s = row.index(data.SPEECH)
@@ -435,7 +435,7 @@ def test_converted_run_hears_a_clip_as_the_release_does(tmp_path):
     mask["m"][0, s:s + sp_ref.shape[1]] = 1
     with torch.no_grad():
         batch = lm.splice([row], [sp[0]])
-        with partial_lora(lm.decoder, batch["speech_mask"]):
+        with partial_lora(lm.decoder, batch["speech_mask"], batch["valid"]):
             logits = lm.decoder(embeds=batch["embeds"], valid=batch["valid"])
         want = ref(inputs_embeds=emb_ref).logits
     diffs = {"speech embeddings": (sp - sp_ref).abs().max().item(),
