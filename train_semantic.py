@@ -46,6 +46,7 @@ max_text_tokens = 0         # drop examples whose text side is longer (0: keep a
 # in the LLM's own token embeddings (CTC, no LLM run), on new sentences recombined from the training sentences'
 # words (synth.recombine), so that it learns words, not 379 sentences. 0 steps: the paper's stage 1 alone.
 ctc_manifest = "speech/asr_mix.jsonl"   # heard with train_manifest's clips; "": those alone
+max_ctc = 0                 # only its first clips, each encoded once (0: all 3,000)
 ctc_steps = 400
 ctc_batch_size = 32
 ctc_lr = 1e-3
@@ -148,7 +149,8 @@ def main():
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     ctc, spoken = (None, None), []
     if ctc_manifest and (ctc_steps or asr_weight):
-        spoken = rank0_first(lambda: cache.with_features(model, cache.read_manifest(ctc_manifest), padded))[0]
+        rows = cache.read_manifest(ctc_manifest)[:max_ctc or None]
+        spoken = rank0_first(lambda: cache.with_features(model, rows, padded))[0]
     if ckpt is None and ctc_steps:   # before start_or_resume, which hands every rank rank 0's adapter
         ctc = ctc_warmup(model, spoken + items)
     spoken = [cache.make_example(model.tok, SYSTEM_PROMPT, [TRANSCRIBE, SPEECH], r["text"].strip()) + (r["feats"],)

@@ -61,7 +61,7 @@ def test_end_to_end_smoke(tmp_path):
            f"--train_manifest={sets['asr_train']}", f"--eval_manifest={sets['asr_test']}",
            f"--out_dir={runs / 'semantic'}", "--max_steps=8", "--eval_interval=4", "--ckpt_interval=4",
            "--max_eval=8", "--lr=3e-3", f"--ctc_manifest={sets['asr_mix']}", "--ctc_steps=4", "--ctc_batch_size=4",
-           "--asr_batch_size=4", "--asr_weight=0.1", *tiny_loop)   # a light transcription loss: the KL must still fall
+           "--max_ctc=4", "--asr_batch_size=4", "--asr_weight=0.1", *tiny_loop)   # a light transcription loss: the KL must still fall
     script(tmp_path, "train_emotion.py", f"--init_from={runs / 'semantic'}", f"--train_manifest={sets['emo_train']}",
            f"--eval_manifest={sets['emo_test']}", f"--out_dir={runs / 'emotion'}", "--max_steps=6",
            "--eval_interval=3", "--ckpt_interval=3", "--lora_r=4", "--lora_alpha=8", *tiny_loop)
@@ -85,8 +85,9 @@ def test_end_to_end_smoke(tmp_path):
         assert len(targets) >= n_items and all(t["target"] for t in targets)
     # encoder features were cached under the cwd (tmp_path), one file per distinct clip
     feats = list((tmp_path / ".cache" / "features").glob("*.safetensors"))
-    # + flite: one per emo_train row; + asr_mix; + emo_other: the 2 test sentences x 5 by the other engine
-    assert len(feats) == 16 + 8 + 20 + 20 + 20 + 8 + 10
+    # + flite: one per emo_train row; + the first 4 of the 8 asr_mix clips (--max_ctc); + emo_other: the 2 test
+    # sentences x 5 by the other engine
+    assert len(feats) == 16 + 8 + 20 + 20 + 20 + 4 + 10
 
     # the report: every field present and sane
     r = json.loads((runs / "demo" / "report.json").read_text())

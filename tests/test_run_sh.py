@@ -38,3 +38,16 @@ def test_a_setting_no_script_has_is_refused_before_any_work(tmp_path):
     p = subprocess.run(["bash", "run.sh", "--ctc_step=0"], cwd=root, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "no setting 'ctc_step'" in p.stderr
     assert "PY " not in p.stdout   # not even prepare ran
+
+
+def test_budget_picks_the_recipe_and_a_wrong_one_is_refused(tmp_path):
+    root = fake_checkout(tmp_path)
+    p = subprocess.run(["bash", "run.sh", "--budget=1h", "--seed=1"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    runs = {line.split()[1]: line.split()[2:] for line in p.stdout.splitlines() if line.startswith("PY ")}
+    assert runs["train_semantic.py"][2:] == ["config/budget_1h_stage1.py", "--seed=1"]   # the preset, then the flags
+    assert runs["train_emotion.py"] == ["config/budget_1h_stage2.py", "--seed=1"]
+    p = subprocess.run(["bash", "run.sh"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert [line.split()[2:] for line in p.stdout.splitlines() if line.startswith("PY train_emotion.py")] == [[]]
+    p = subprocess.run(["bash", "run.sh", "--budget=30m"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--budget is 2h (the default) or 1h, not '30m'" in p.stderr and "PY " not in p.stdout

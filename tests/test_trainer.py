@@ -323,6 +323,21 @@ def test_paper_presets_set_known_keys_to_the_releases_values(script, preset):
     assert lr == pytest.approx([0.0, config["lr"], 0.0])
 
 
+@pytest.mark.parametrize("script,preset", [("train_semantic.py", "config/budget_1h_stage1.py"),
+                                           ("train_emotion.py", "config/budget_1h_stage2.py")])
+def test_budget_presets_change_only_settings_the_script_has(script, preset):
+    """run.sh --budget=1h hands these to the scripts: every key must exist (else ConfigError) and move its default."""
+    src = (REPO / script).read_text()
+    defaults = {}
+    exec(src[src.index("# ---- settings"):src.index("config = configure(")], defaults)
+    before = dict(defaults)
+    config = configure(defaults, [str(REPO / preset)])
+    changed = {k for k in config if config[k] != before[k]}
+    ns = {}
+    exec((REPO / preset).read_text(), ns)
+    assert changed == {k for k in ns if not k.startswith("_")} and {"max_steps", "max_new_tokens"} <= changed
+
+
 def test_paper_presets_run_on_tiny_shapes(speech):
     """Both presets, as a GPU user runs them, with only the sizes overridden for tiny models: the filters drop
     what they should, the schedule is the release's, the runs record how they hear. Not a measurement."""
