@@ -297,14 +297,19 @@ def test_release_schedule_is_deepspeeds_warmup_decay():
 PRESETS = [("train_semantic.py", "config/paper_stage1.py"), ("train_emotion.py", "config/paper_stage2.py")]
 
 
-@pytest.mark.parametrize("script,preset", PRESETS)
-def test_paper_presets_set_known_keys_to_the_releases_values(script, preset):
+def settings_and_preset(script, preset):
+    """The script's default settings, and the keys the preset assigns."""
     src = (REPO / script).read_text()
     defaults = {}
-    exec(src[src.index("# ---- settings"):src.index("config = configure(")], defaults)   # the script's settings
+    exec(src[src.index("# ---- settings"):src.index("config = configure(")], defaults)
     ns = {}
     exec((REPO / preset).read_text(), ns)
-    preset_keys = {k for k in ns if not k.startswith("_")}
+    return defaults, {k for k in ns if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("script,preset", PRESETS)
+def test_paper_presets_set_known_keys_to_the_releases_values(script, preset):
+    defaults, preset_keys = settings_and_preset(script, preset)
     config = configure(defaults, [str(REPO / preset)])   # ConfigError on a key the script does not have
     assert preset_keys <= config.keys()
     release = dict(padded=True, max_new_tokens=48, weight_decay=0.05, grad_clip=1.0, schedule="warmup_decay",
@@ -327,15 +332,11 @@ def test_paper_presets_set_known_keys_to_the_releases_values(script, preset):
                                            ("train_emotion.py", "config/budget_1h_stage2.py")])
 def test_budget_presets_change_only_settings_the_script_has(script, preset):
     """run.sh --budget=1h hands these to the scripts: every key must exist (else ConfigError) and move its default."""
-    src = (REPO / script).read_text()
-    defaults = {}
-    exec(src[src.index("# ---- settings"):src.index("config = configure(")], defaults)
+    defaults, preset_keys = settings_and_preset(script, preset)
     before = dict(defaults)
     config = configure(defaults, [str(REPO / preset)])
     changed = {k for k in config if config[k] != before[k]}
-    ns = {}
-    exec((REPO / preset).read_text(), ns)
-    assert changed == {k for k in ns if not k.startswith("_")} and {"max_steps", "max_new_tokens"} <= changed
+    assert changed == preset_keys and {"max_steps", "max_new_tokens"} <= changed
 
 
 def test_paper_presets_run_on_tiny_shapes(speech):
