@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import data
 from model import (Decoder, DecoderConfig, PrefixKV, WhisperConfig, WhisperEncoder, pick_device, pick_dtype,
@@ -111,13 +111,10 @@ def add_lora(decoder, r=16, alpha=16, dropout=0.05,
 
 
 def kl_loss(student_logits, teacher_logits, T=2.0):
-    """KL(teacher || student) at temperature T, the mean over positions without a T^2 factor, as the release's."""
-    V = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.reshape(-1, V).float() / T, dim=-1)
-    t = F.log_softmax(teacher_logits.reshape(-1, V).float() / T, dim=-1)
-    if s.shape[0] == 0:
-        return s.sum()  # no response positions: 0, still connected to the graph
-    return F.kl_div(s, t, reduction="batchmean", log_target=True)
+    """KL(teacher || student) at temperature T over (N, V) logits: the mean over positions, no T^2 (the release's)."""
+    s, t = (F.log_softmax(x.float() / T, dim=-1) for x in (student_logits, teacher_logits))
+    # no response positions: 0, still connected to the graph
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) if len(s) else s.sum()
 
 
 def ce_loss(logits, targets):
@@ -296,19 +293,3 @@ class SpeechLM(nn.Module):
         except RuntimeError as e:   # a weight of another shape: almost always another encoder/LLM pair
             raise ValueError(f"{w_path}: {e}; {pair}") from None
         return model.eval()
-
-    def save_run(self, run_dir, config=None):
-        """config.json (whisper / llm relative to run_dir) + model.safetensors (trainable weights), each atomically."""
-        os.makedirs(run_dir, exist_ok=True)
-        config = dict(self.config if config is None else config)
-        usable = {k: config[k] for k in ("whisper", "llm") if config.get(k)}
-        lora = {n.rsplit(".", 1)[-1]: m for n, m in self.decoder.named_modules() if isinstance(m, LoRALinear)}
-        m = next(iter(lora.values()), None)
-        config.update({k: os.path.relpath(p, run_dir) for k, p in usable.items()}, adapter=self.adapter.settings,
-                      lora=dict(r=m.r, alpha=m.alpha, dropout=m.lora_dropout.p, targets=sorted(lora)) if m else None,
-                      num_emotions=self.emotion_head.out_features if self.emotion_head is not None else 0)
-        weights = {n: p.detach().cpu().contiguous() for n, p in self.trainable_parameters().items()}
-        data.atomic_write(os.path.join(run_dir, "model.safetensors"),
-                          lambda p: save_file(weights, p, metadata={"format": "pt"}))
-        data.atomic_write(os.path.join(run_dir, "config.json"),
-                          lambda p: Path(p).write_text(json.dumps(config, indent=2)))

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import (CONTINUE, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, N_SAMPLES, SAMPLE_RATE,
-                  SYSTEM_PROMPT, AudioError, atomic_write, load_audio)
+                  SYSTEM_PROMPT, AudioError, load_audio)
+from trainer import atomic_write
 
 # Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
 REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",

@@ -110,15 +110,3 @@ def pad_batch(rows, pad_id, labels=None, side="right"):
     valid = torch.tensor([pad([True] * len(r), False) for r in rows], dtype=torch.bool)
     return ids, None if labels is None else torch.tensor([pad(l, IGNORE) for l in labels], dtype=torch.long), valid
 
-
-def atomic_write(path, write):
-    """A killed run leaves the old file or the new one, never a part."""
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"   # per process: concurrent writers never share a tmp
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):   # write failed or was interrupted
-            os.remove(tmp)

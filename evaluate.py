@@ -29,7 +29,7 @@ from cache import emotion_label, make_example, read_manifest
 from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, REPETITION_PENALTY, SPEECH,
                   SYSTEM_PROMPT)
 from model import KVCache
-from trainer import peak_rss_gb
+from trainer import atomic_write, peak_rss_gb
 
 # The authors' SER question.
 SER_QUESTION = ("Please identify the emotion tone of the speech provided below. Select from the following "
@@ -512,7 +512,7 @@ def plot_losses(log_path, png_path):
         ax.legend()
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    data.atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
+    atomic_write(png_path, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
     return True
 

@@ -21,7 +21,7 @@ from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
                      init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
-                     plan, rank0_first, save_checkpoint, start_or_resume, stop_signal)
+                     plan, rank0_first, save_checkpoint, save_run, start_or_resume, stop_signal)
 
 # ---- settings: python train_emotion.py --key=value overrides any of these ----
 init_from = "runs/semantic"     # the stage-1 run (its adapter, encoder and LLM)
@@ -175,7 +175,7 @@ def main():
             raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
 
     if rank == 0:
-        model.save_run(out_dir, config)
+        save_run(model, out_dir, config)
         summary = {"steps": step, **{f"eval_{k}": v for k, v in last_eval.items()}, "peak_rss_gb": peak_rss_gb()}
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

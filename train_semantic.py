@@ -23,7 +23,7 @@ from data import CONTINUE, SPEECH, SYSTEM_PROMPT
 from model import pick_device
 from trainer import (adamw, all_reduce_grads, any_rank, bf16_autocast, due, end_distributed, evaluate,
                      init_distributed, last_checkpoint, log_row, lr_at, mean_over_ranks, micro_batches, peak_rss_gb,
-                     plan, rank0_first, save_checkpoint, start_or_resume, stop_signal)
+                     plan, rank0_first, save_checkpoint, save_run, start_or_resume, stop_signal)
 
 # ---- settings: python train_semantic.py --key=value overrides any of these ----
 whisper = "checkpoints/whisper-base"
@@ -204,7 +204,7 @@ def main():
             raise KeyboardInterrupt(f"stopped at step {step}, checkpoint saved: rerun with --resume")
 
     if rank == 0:
-        model.save_run(out_dir, config)
+        save_run(model, out_dir, config)
         summary = {**(json.load(open(summary_path)) if os.path.exists(summary_path) else {}), "steps": step,
                    "kl_end": last_eval.get("kl"), "ce_end": last_eval.get("ce"), "peak_rss_gb": peak_rss_gb()}
         with open(summary_path, "w") as f:

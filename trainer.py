@@ -15,9 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
-
-from data import atomic_write
+from safetensors.torch import load_file, save_file
 
 
 def init_distributed(device):
@@ -155,6 +153,35 @@ def adamw(params, lr, weight_decay):   # decay on matrices only, as nanoGPT and 
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def atomic_write(path, write):
+    """A killed run leaves the old file or the new one, never a part."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"   # per process: concurrent writers never share a tmp
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):   # write failed or was interrupted
+            os.remove(tmp)
+
+
+def save_run(model, run_dir, config=None):
+    """The run folder SpeechLM.from_run loads: config.json (whisper / llm relative to run_dir) + model.safetensors
+    (the trainable weights: adapter, emotion head, LoRA), each written atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    config = dict(model.config if config is None else config)
+    lora = {n.rsplit(".", 1)[-1]: m for n, m in model.decoder.named_modules() if hasattr(m, "lora_A")}
+    m = next(iter(lora.values()), None)
+    config.update({k: os.path.relpath(config[k], run_dir) for k in ("whisper", "llm") if config.get(k)},
+                  adapter=model.adapter.settings,
+                  lora=dict(r=m.r, alpha=m.alpha, dropout=m.lora_dropout.p, targets=sorted(lora)) if m else None,
+                  num_emotions=model.emotion_head.out_features if model.emotion_head is not None else 0)
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.trainable_parameters().items()}
+    atomic_write(os.path.join(run_dir, "model.safetensors"), lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(run_dir, "config.json"), lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+
 def list_checkpoints(run_dir):
     """Complete checkpoints, oldest first: one is written as step_N.tmp/ and renamed when all its files are there."""
     ckpts = [d for d in Path(run_dir, "checkpoints").glob("step_*") if re.fullmatch(r"step_\d+", d.name)
@@ -214,7 +241,7 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
 
 
 def save_checkpoint(run_dir, step, model, opt, config, keep_last, **extra):
-    """checkpoints/step_N: a run folder (model.save_run: chat.py and evaluate.py load it) + state.pt, the optimizer
+    """checkpoints/step_N: a run folder (save_run: chat.py and evaluate.py load it) + state.pt, the optimizer
     and every rank's RNG state for an exact resume; the newest keep_last kept (0: all). Rank 0 writes."""
     rank, world = _rank_world()
     device = model.adapter.fc1.weight.device
@@ -229,7 +256,7 @@ def save_checkpoint(run_dir, step, model, opt, config, keep_last, **extra):
     final = Path(run_dir, "checkpoints", f"step_{step:07d}")
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_run(tmp, config)
+    save_run(model, tmp, config)
     state = {"step": step, "optimizer": opt.state_dict(), "rng": rngs, **extra}
     atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
     shutil.rmtree(final, ignore_errors=True)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
-from data import atomic_write
+from trainer import atomic_write
 
 
 class FormatError(ValueError):

@@ -4,7 +4,6 @@ import base64
 import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -392,17 +391,3 @@ def test_read_manifest(tmp_path):
     with pytest.raises(ValueError, match=r"m.jsonl:1: expected a JSON object"):
         cache.read_manifest(p)
 
-
-def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path):
-    path = tmp_path / "feats.safetensors"
-    path.write_bytes(b"old")
-
-    def dies(tmp):
-        Path(tmp).write_bytes(b"half")
-        raise KeyboardInterrupt   # a Ctrl-C mid-write
-
-    with pytest.raises(KeyboardInterrupt):
-        data.atomic_write(path, dies)
-    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
-    data.atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new"))
-    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -27,6 +27,7 @@ import speak
 import synth
 from adapter import SpeechLM
 from data import EMOTIONS, REPETITION_PENALTY
+from trainer import save_run
 from test_prepare import real  # noqa: F401  (a fixture: whisper-base and SmolLM2 fetched and prepared)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ def run_dir(real, tmp_path_factory):  # noqa: F811
     # the folders prepare.py writes by default: SmolLM2 in float32 ("default"), whisper-base in its file's float16
     m = SpeechLM.build(real["whisper", "bf16"], real["llm", "default"], device="cpu", dtype="fp32")
     m.start_stage2(lora=dict(r=4, alpha=8, dropout=0.0), num_emotions=len(EMOTIONS))
-    m.save_run(str(d), {"whisper": real["whisper", "bf16"], "llm": real["llm", "default"], "stage": "emotion"})
+    save_run(m, str(d), {"whisper": real["whisper", "bf16"], "llm": real["llm", "default"], "stage": "emotion"})
     return str(d)
 
 

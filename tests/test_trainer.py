@@ -399,7 +399,7 @@ def test_scripts_import_neither_the_model_here_nor_evaluate():
         names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         return names | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
 
-    # trainer.py may use data.py's file helpers (atomic_write), never the networks or their caches
+    # trainer.py never imports the networks or their caches: it reaches a model only through its attributes
     assert not imported("trainer.py") & {"model", "adapter", "cache"}
     assert "evaluate" not in imported("train_semantic.py") | imported("train_emotion.py")
 
@@ -437,3 +437,18 @@ def test_log_row_writes_and_prints(tmp_path, capsys):
     trainer.log_row(log, step=1, split="train", loss=1.0)
     assert capsys.readouterr().out == "step 1 train: loss 1\n"
     assert json.loads(log.read_text()) == {"step": 1, "split": "train", "loss": 1.0}
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path):
+    path = tmp_path / "feats.safetensors"
+    path.write_bytes(b"old")
+
+    def dies(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise KeyboardInterrupt   # a Ctrl-C mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.atomic_write(path, dies)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == [path.name]
+    trainer.atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -18,6 +18,7 @@ import convert
 import data
 import evaluate
 import tokenizer
+import trainer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -151,7 +152,7 @@ def make_run(run_dir, whisper, llm, stage="emotion", num_emotions=5, lora=True, 
         for n, p in m.trainable_parameters().items():
             if n.endswith(".lora_B"):
                 p.normal_(0, 0.1)
-    m.save_run(str(run_dir), {"whisper": whisper, "llm": llm, "stage": stage})
+    trainer.save_run(m, str(run_dir), {"whisper": whisper, "llm": llm, "stage": stage})
     return str(run_dir)
 
 
