@@ -131,8 +131,8 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
 @torch.no_grad()
 def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_size=128):
     """The frozen LLM's greedy reply (model: a SpeechLM, reading text only) to build_prompt(item) for each item ->
-    {key: record}, cached in `path` by the prompt's hash, so a changed instruction never reuses stale targets;
-    refusals are kept, flagged."""
+    {key: record}, cached in `path` by a hash of the prompt, the LLM's folder and max_new_tokens, so a changed
+    instruction, LLM or length never reuses stale targets; refusals are kept, flagged."""
     done, prompts = {}, {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:   # read from the start, written at the end
@@ -145,7 +145,8 @@ def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_s
             done[r["key"]] = r
         for it in items:
             msgs = build_prompt(it)
-            key = hashlib.sha1(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
+            made_by = [msgs, os.path.normpath(model.config.get("llm", "")), max_new_tokens]
+            key = hashlib.sha1(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
             it["target_key"] = key
             if key not in done:
                 prompts[key] = msgs

@@ -396,6 +396,8 @@ def test_teacher_replies_use_the_stage2_prompt_and_its_cache(model, monkeypatch,
         raise RuntimeError("regenerated a cached target")
     monkeypatch.setattr(model.decoder, "generate", generate)
     assert ev.teacher_replies(model, texts, emos, path, max_new_tokens=5) == got
+    with pytest.raises(RuntimeError, match="regenerated"):   # targets of another length are other targets
+        ev.teacher_replies(model, texts, emos, path, max_new_tokens=6)
     asked.clear()
     with pytest.raises(RuntimeError, match="regenerated"):   # the paper's prompt is another prompt: not cached
         ev.teacher_replies(model, texts, emos, path, max_new_tokens=5, paper=True)
