@@ -272,9 +272,8 @@ class SpeechLM(nn.Module):
             raise ValueError(f"{run_dir}/config.json: no {missing[0]!r} entry")
         paths = {k: v or os.path.normpath(os.path.join(run_dir, config[k]))   # relative to the run folder
                  for k, v in (("whisper", whisper), ("llm", llm))}
-        # the dimensions from the folders' config.json first: no multi-GB load before a mismatch is found
-        hf = {k: json.loads(Path(p, "config.json").read_text()) for k, p in paths.items()}
-        dims = WhisperConfig.from_hf(hf["whisper"]).d_model, DecoderConfig.from_hf(hf["llm"]).dim
+        # the dimensions from the folders' model.json first: no multi-GB load before a mismatch is found
+        dims = WhisperConfig.load(paths["whisper"]).d_model, DecoderConfig.load(paths["llm"]).dim
         a = config["adapter"]
         pair = (f"the run {run_dir} was trained for whisper {config['whisper']} (d_enc {a.get('d_enc')}) + llm "
                 f"{config['llm']} (d_llm {a.get('d_llm')}); loaded whisper {paths['whisper']} (d_model {dims[0]}) + "

@@ -56,7 +56,7 @@ def pick_device(name=None):
 
 def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
     """name_of(checkpoint key) -> our parameter name, or None for a tensor that is not ours."""
-    cfg = config_cls.from_hf(json.loads(Path(folder, "config.json").read_text()))
+    cfg = config_cls.load(folder)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
@@ -84,21 +84,29 @@ def split_heads(x, n_heads):
     return x.view(*x.shape[:2], n_heads, -1).transpose(1, 2)   # (B, T, n_heads * hd) -> (B, n_heads, T, hd)
 
 
+class Config:
+    """Read from model.json: scripts/prepare.py translates a folder's Hugging Face config.json into our fields
+    once, as it does the tokenizer files, so that only the tooling knows that format."""
+    FILE, FLAG = "model.json", None   # FLAG: prepare.py's option for this kind of folder
+
+    @classmethod
+    def load(cls, folder):
+        path = Path(folder, cls.FILE)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `python scripts/prepare.py --{cls.FLAG}={folder}` first, "
+                                    "which writes it from the folder's config.json")
+        return cls(**json.loads(path.read_text()))
+
+
 @dataclass
-class WhisperConfig:
+class WhisperConfig(Config):
+    FLAG = "whisper"
     n_mels: int = 80
     n_ctx: int = 1500
     d_model: int = 512
     n_heads: int = 8
     n_layers: int = 6
     ffn_dim: int = 2048
-
-    @classmethod
-    def from_hf(cls, c):
-        if c.get("activation_function", "gelu") != "gelu" or c.get("scale_embedding", False):
-            raise ValueError("only Whisper's own gelu encoder without embedding scale is supported")
-        return cls(c["num_mel_bins"], c["max_source_positions"], c["d_model"], c["encoder_attention_heads"],
-                   c["encoder_layers"], c["encoder_ffn_dim"])
 
 
 class WhisperAttention(nn.Module):
@@ -158,7 +166,8 @@ class WhisperEncoder(nn.Module):
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(Config):
+    FLAG = "llm"
     vocab_size: int
     dim: int
     n_layers: int
@@ -171,26 +180,6 @@ class DecoderConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 4096
-
-    @classmethod
-    def from_hf(cls, c):
-        mt, heads = c.get("model_type"), c["num_attention_heads"]
-        if mt not in ("llama", "qwen2"):
-            raise ValueError(f"model_type {mt!r} is not supported (llama, qwen2; the release's Qwen-1 is "
-                             "converted by scripts/release.py)")
-        if c.get("attention_bias") or c.get("mlp_bias") or c.get("use_sliding_window"):
-            raise ValueError(f"{mt} config uses attention_bias / mlp_bias / sliding window: not supported")
-        if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-            raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads: not supported")
-        rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})   # transformers 5: theta in there too
-        kind = rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")
-        if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope type {kind!r} is not supported (default, linear, llama3)")
-        return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
-                   c.get("num_key_value_heads") or heads, c["intermediate_size"], c.get("rms_norm_eps", 1e-6),
-                   c.get("rope_theta") or rope.get("rope_theta") or 10000.0, None if kind == "default" else rope,
-                   qkv_bias=mt == "qwen2", tie_embeddings=c.get("tie_word_embeddings", False),
-                   max_seq_len=c.get("max_position_embeddings", 4096))
 
 
 def rope_inv_freq(cfg):

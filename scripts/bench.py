@@ -109,6 +109,7 @@ def memcpy_rate(device, nbytes=512 << 20):
 # ----------------------------------------------------------------------------- building both sides
 def hf_whisper_encoder(kw, folder, device):
     """transformers' WhisperEncoder with random weights, saved as an HF folder (model.encoder.* keys)."""
+    import convert
     from safetensors.torch import save_file
     from transformers import WhisperConfig as HFConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFEncoder
@@ -116,6 +117,7 @@ def hf_whisper_encoder(kw, folder, device):
     enc = HFEncoder(cfg).eval()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg.to_dict(), f)
+    convert.write_config(folder, "whisper")   # the model.json our from_pretrained reads, as prepare.py writes it
     save_file({"model.encoder." + k: v.contiguous() for k, v in enc.state_dict().items()},
               os.path.join(folder, "model.safetensors"))
     return enc.to(device)
@@ -124,6 +126,7 @@ def hf_whisper_encoder(kw, folder, device):
 def hf_causal_lm(kw, model_type, folder, device, dtype):
     """A transformers llama/qwen2 causal LM with random weights, saved as an HF folder. rope_theta is
     also written top-level, as published checkpoints have it (transformers 5 nests it in rope_parameters)."""
+    import convert
     from transformers import AutoConfig, AutoModelForCausalLM
     kw = dict(kw)
     theta = kw.pop("rope_theta")
@@ -137,6 +140,7 @@ def hf_causal_lm(kw, model_type, folder, device, dtype):
         d = json.load(f)
     with open(path, "w") as f:
         json.dump(dict(d, rope_theta=theta), f)
+    convert.write_config(folder, "llm")
     m.requires_grad_(False)
     return m.to(device=device, dtype=dtype)
 

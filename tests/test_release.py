@@ -158,8 +158,9 @@ def test_layout_no_pickle_and_config(converted):
     files = _files(out)
     assert files == ["config.json", "llm/config.json", "llm/generation_config.json",
                      "llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors",
-                     "llm/model.safetensors.index.json", "llm/qwen.tiktoken", "llm/tokenizer.tiktoken",
-                     "llm/tokenizer.tiktoken.json", "llm/tokenizer_config.json", "model.safetensors", "whisper/config.json", "whisper/model.safetensors"], files
+                     "llm/model.json", "llm/model.safetensors.index.json", "llm/qwen.tiktoken", "llm/tokenizer.tiktoken",
+                     "llm/tokenizer.tiktoken.json", "llm/tokenizer_config.json", "model.safetensors", "whisper/config.json",
+                     "whisper/model.json", "whisper/model.safetensors"], files
     for f in files:  # torch pickles are zip files ("PK") or raw pickles (protocol byte 0x80)
         with open(os.path.join(out, f), "rb") as fh:
             head = fh.read(4)
@@ -173,6 +174,9 @@ def test_layout_no_pickle_and_config(converted):
     assert cfg["padded"] is True   # the release hears every clip padded to 30 s
     llm = json.load(open(os.path.join(out, "llm", "config.json")))
     assert llm["model_type"] == "qwen2" and llm["intermediate_size"] == INTER // 2 and llm["torch_dtype"] == "float32"
+    ours = json.load(open(os.path.join(out, "llm", "model.json")))   # what model.py reads: Qwen-1 as a Qwen2
+    assert (ours["dim"], ours["ffn_dim"], ours["qkv_bias"], ours["tie_embeddings"]) == (D, INTER // 2, True, False)
+    assert json.load(open(os.path.join(out, "whisper", "model.json")))["d_model"] == D_ENC
     from safetensors.torch import load_file
     ours = load_file(os.path.join(out, "model.safetensors"))
     q = "qwen_model.model.transformer.h.1."

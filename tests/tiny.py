@@ -60,7 +60,7 @@ def _linear(g, out_dim, in_dim, gain=1.0):
 
 
 def make_whisper(folder, d_model=16, n_layers=1, n_heads=2, ffn_dim=32, n_mels=80, seed=0):
-    """A Whisper folder (config.json + model.safetensors with the encoder under model.encoder.*)."""
+    """A Whisper folder (config.json, model.json + model.safetensors with the encoder under model.encoder.*)."""
     g = torch.Generator().manual_seed(seed)
     p = "model.encoder."
     sd = {p + "conv1.weight": _linear(g, d_model, n_mels * 3).reshape(d_model, n_mels, 3),
@@ -84,7 +84,7 @@ def make_whisper(folder, d_model=16, n_layers=1, n_heads=2, ffn_dim=32, n_mels=8
                max_source_positions=1500, d_model=d_model, encoder_attention_heads=n_heads,
                encoder_layers=n_layers, encoder_ffn_dim=ffn_dim, activation_function="gelu",
                scale_embedding=False, torch_dtype="float32")
-    return _write(folder, cfg, sd)
+    return _write(folder, cfg, sd, "whisper")
 
 
 def make_llm(folder, tok_folder, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_pos=1024, seed=0):
@@ -113,19 +113,20 @@ def make_llm(folder, tok_folder, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ff
                rope_theta=10000.0, tie_word_embeddings=False, use_sliding_window=False,
                bos_token_id=tok.token_id("<|endoftext|>"), eos_token_id=tok.token_id("<|im_end|>"),
                torch_dtype="float32")
-    _write(folder, cfg, sd)
+    _write(folder, cfg, sd, "llm")
     for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(os.path.join(tok_folder, f), os.path.join(folder, f))
     convert.write_tokenizer(folder)
     return str(folder)
 
 
-def _write(folder, cfg, sd):
+def _write(folder, cfg, sd, kind):
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
+    convert.write_config(folder, kind)   # what prepare.py does to a folder: model.json
     return str(folder)
 
 
