@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import data
 from model import (Decoder, DecoderConfig, PrefixKV, WhisperConfig, WhisperEncoder, pick_device, pick_dtype,
-                   shared_start)
+                   read_config, shared_start)
 from tokenizer import Tokenizer
 
 
@@ -273,7 +273,8 @@ class SpeechLM(nn.Module):
         paths = {k: v or os.path.normpath(os.path.join(run_dir, config[k]))   # relative to the run folder
                  for k, v in (("whisper", whisper), ("llm", llm))}
         # the dimensions from the folders' model.json first: no multi-GB load before a mismatch is found
-        dims = WhisperConfig.load(paths["whisper"]).d_model, DecoderConfig.load(paths["llm"]).dim
+        dims = (read_config(WhisperConfig, paths["whisper"], "whisper").d_model,
+                read_config(DecoderConfig, paths["llm"], "llm").dim)
         a = config["adapter"]
         pair = (f"the run {run_dir} was trained for whisper {config['whisper']} (d_enc {a.get('d_enc')}) + llm "
                 f"{config['llm']} (d_llm {a.get('d_llm')}); loaded whisper {paths['whisper']} (d_model {dims[0]}) + "

@@ -54,9 +54,18 @@ def pick_device(name=None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"))
 
 
-def load_pretrained(cls, config_cls, folder, name_of, dtype=None, device=None):
+def read_config(config_cls, folder, kind):
+    """A folder's model.json: its config in our fields, which scripts/prepare.py writes once from the Hugging Face
+    config.json (as it writes the tokenizer file), so that only the tooling reads that format."""
+    path = Path(folder, "model.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `python scripts/prepare.py --{kind}={folder}` first, which "
+                                "writes it from the folder's config.json")
+    return config_cls(**json.loads(path.read_text()))
+
+
+def load_pretrained(cls, cfg, folder, name_of, dtype=None, device=None):
     """name_of(checkpoint key) -> our parameter name, or None for a tensor that is not ours."""
-    cfg = config_cls.load(folder)
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
@@ -84,23 +93,8 @@ def split_heads(x, n_heads):
     return x.view(*x.shape[:2], n_heads, -1).transpose(1, 2)   # (B, T, n_heads * hd) -> (B, n_heads, T, hd)
 
 
-class Config:
-    """Read from model.json: scripts/prepare.py translates a folder's Hugging Face config.json into our fields
-    once, as it does the tokenizer files, so that only the tooling knows that format."""
-    FILE, FLAG = "model.json", None   # FLAG: prepare.py's option for this kind of folder
-
-    @classmethod
-    def load(cls, folder):
-        path = Path(folder, cls.FILE)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `python scripts/prepare.py --{cls.FLAG}={folder}` first, "
-                                    "which writes it from the folder's config.json")
-        return cls(**json.loads(path.read_text()))
-
-
 @dataclass
-class WhisperConfig(Config):
-    FLAG = "whisper"
+class WhisperConfig:
     n_mels: int = 80
     n_ctx: int = 1500
     d_model: int = 512
@@ -161,13 +155,12 @@ class WhisperEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None):
         # a full Whisper nests the encoder under model.encoder., a WhisperModel under encoder.; the rest is not ours
-        return load_pretrained(cls, WhisperConfig, folder, lambda k: next(
+        return load_pretrained(cls, read_config(WhisperConfig, folder, "whisper"), folder, lambda k: next(
             (k[len(p):] for p in ("model.encoder.", "encoder.") if k.startswith(p)), None), dtype, device)
 
 
 @dataclass
-class DecoderConfig(Config):
-    FLAG = "llm"
+class DecoderConfig:
     vocab_size: int
     dim: int
     n_layers: int
@@ -414,5 +407,5 @@ class Decoder(nn.Module):
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None):
         # HF keeps everything but lm_head under model.; old checkpoints also persisted RoPE tables
-        return load_pretrained(cls, DecoderConfig, folder, lambda k: None if k.endswith("rotary_emb.inv_freq")
-                               else k.removeprefix("model."), dtype, device)
+        return load_pretrained(cls, read_config(DecoderConfig, folder, "llm"), folder, lambda k: None if k.endswith(
+            "rotary_emb.inv_freq") else k.removeprefix("model."), dtype, device)

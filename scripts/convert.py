@@ -88,7 +88,7 @@ def write_config(folder, kind):
         raise FormatError(f"{path}: no {e.args[0]}") from None
     except ValueError as e:
         raise FormatError(f"{path}: {e}") from None
-    atomic_write(os.path.join(folder, cfg.FILE), lambda tmp: _write(tmp, dataclasses.asdict(cfg)))
+    atomic_write(os.path.join(folder, "model.json"), lambda tmp: _write(tmp, dataclasses.asdict(cfg)))
     return cfg
 
 

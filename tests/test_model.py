@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import convert  # noqa: E402
-from model import (Decoder, DecoderConfig, KVCache, WhisperConfig, WhisperEncoder,  # noqa: E402
+from model import (Decoder, DecoderConfig, KVCache, WhisperConfig, WhisperEncoder, read_config,  # noqa: E402
                    pick_device, pick_dtype, rope_inv_freq, sample)
 
 TOL = 1e-4
@@ -390,7 +390,7 @@ def test_hf_config_translation(tmp_path):
         convert.whisper_config_from_hf(dict(whisper, scale_embedding=True))
     # written as model.json, read back field for field; a config.json that lacks a field names it
     (tmp_path / "config.json").write_text(json.dumps(dict(llama, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE})))
-    assert convert.write_config(tmp_path, "llm") == DecoderConfig.load(tmp_path) == cfg5
+    assert convert.write_config(tmp_path, "llm") == read_config(DecoderConfig, tmp_path, "llm") == cfg5
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in llama.items() if k != "vocab_size"}))
     with pytest.raises(convert.FormatError, match=re.escape(f"{tmp_path / 'config.json'}: no vocab_size")):
         convert.write_config(tmp_path, "llm")
