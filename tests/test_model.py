@@ -313,8 +313,9 @@ def test_sharded_checkpoint_and_dtype(pair, tmp_path):
 # ----------------------------------------------------------------------------- Qwen-1 layout
 
 def test_qwen1_folder_points_at_the_release_converter(tmp_path):
-    """Qwen-1 (the release's LLM) is converted to Qwen2's names once, by scripts/release.py (tests/test_release.py
-    checks it against transformers' Qwen2); model.py reads only Llama and Qwen2 folders."""
+    """Qwen-1 (the release's LLM, the paper's Qwen-7B-Chat) is converted to Qwen2's names once, by scripts/release.py
+    (tests/test_release.py checks it against transformers' Qwen2, also through prepare.py --llm=PATH); model.py
+    reads only Llama and Qwen2 folders."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen", "vocab_size": VOCAB, "hidden_size": 32,
                                                       "num_hidden_layers": 2, "num_attention_heads": 4}))
     with pytest.raises(convert.FormatError, match=re.escape(str(tmp_path / "config.json")) +

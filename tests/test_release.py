@@ -12,6 +12,7 @@ de-fused Q/K/V with the LoRA delta added by forward hooks at the speech position
 import base64
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -130,6 +131,12 @@ def make_release(folder, cfg=None, dtype=torch.float32, lora=True, seed=0):
         json.dump({"metadata": {"total_size": total}, "weight_map": wm}, f, indent=2)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
+    write_qwen1_tokenizer(folder)
+    return sd
+
+
+def write_qwen1_tokenizer(folder):
+    """Qwen-1's tokenizer files, as the release and Qwen/Qwen-7B-Chat ship them."""
     with open(os.path.join(folder, "qwen.tiktoken"), "w") as f:
         f.write(tiny_tiktoken())
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
@@ -138,7 +145,6 @@ def make_release(folder, cfg=None, dtype=torch.float32, lora=True, seed=0):
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump({"chat_format": "chatml", "eos_token_id": 262, "pad_token_id": 262,
                    "max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8}, f)
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -490,3 +496,123 @@ def test_single_file_release_with_tied_storage(pristine, tmp_path, monkeypatch, 
     from safetensors.torch import load_file
     llm = load_file(str(tmp_path / "run" / "llm" / "model.safetensors"))
     assert torch.equal(llm["lm_head.weight"], sd["qwen_model.model.transformer.wte.weight"])
+
+
+# ----------------------------------------------------------------------------- a plain Qwen-1 folder, through prepare.py
+
+def make_qwen1(folder, fmt="safetensors", seed=3):
+    """A Qwen-1 folder as `huggingface-cli download Qwen/Qwen-7B-Chat` leaves it (tiny): config.json with
+    model_type "qwen", the weights under Qwen-1's own names (no prefix, no LoRA) in two shards + an index
+    (safetensors, or an older revision's pickles), Qwen-1's tokenizer files. Returns the tensors under the
+    release's names, for _qwen2_reference (whose LoRA hooks stay off without a mask)."""
+    from safetensors.torch import save_file
+    sd = qwen_tensors(torch.Generator().manual_seed(seed))
+    plain = {k[len("qwen_model.model."):]: v.contiguous() for k, v in sd.items() if ".lora_" not in k}
+    os.makedirs(folder)
+    keys, wm = list(plain), {}
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    for i, ks in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"{stem}-{i + 1:05d}-of-00002.{ext}"
+        part = {k: plain[k] for k in ks}
+        if fmt == "safetensors":
+            save_file(part, os.path.join(folder, name), metadata={"format": "pt"})
+        else:
+            torch.save(part, os.path.join(folder, name))
+        wm.update({k: name for k in ks})
+    with open(os.path.join(folder, f"{stem}.{ext}.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(v.numel() * 4 for v in plain.values())}, "weight_map": wm}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(release_config()["qwen_config"], torch_dtype="float32"), f, indent=2)
+    with open(os.path.join(folder, "modeling_qwen.py"), "w") as f:   # the remote code it ships: not read
+        f.write("raise RuntimeError('not ours to run')\n")
+    write_qwen1_tokenizer(folder)
+    return sd
+
+
+@pytest.fixture
+def whisper_folder(converted, tmp_path):
+    """prepare.main wants a Whisper too: the release conversion's, a plain Hugging Face Whisper folder."""
+    shutil.copytree(os.path.join(converted[2], "whisper"), tmp_path / "whisper")
+    return tmp_path / "whisper"
+
+
+def _prepare(src, whisper, out):
+    import prepare
+    prepare.main([f"--whisper={whisper}", f"--llm={src}", f"--out={out}", "--quiet", "--no-speech"])
+
+
+def test_prepare_converts_a_qwen1_folder_once(converted, whisper_folder, tmp_path, monkeypatch):
+    """The paper's recipe, `prepare.py --llm=PATH/Qwen-7B-Chat`: converted once into checkpoints/Qwen-7B-Chat in
+    Qwen2's names, which model.py and tokenizer.py read, with the Qwen-1 weights' logits (fp32, within 1e-5)."""
+    from model import Decoder
+    from tokenizer import Tokenizer
+    src, out = tmp_path / "hub" / "Qwen-7B-Chat", tmp_path / "checkpoints"
+    sd = make_qwen1(str(src))
+    before = _files(src)
+    calls = []
+    real = release.convert_qwen
+    monkeypatch.setattr(release, "convert_qwen", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    _prepare(src, whisper_folder, out)
+    dest = out / "Qwen-7B-Chat"
+    assert len(calls) == 1 and not os.path.islink(dest) and _files(src) == before   # the download is left as it is
+    assert _files(dest) == ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                            "model-00002-of-00002.safetensors", "model.json", "model.safetensors.index.json",
+                            "qwen.tiktoken", "source.json", "tokenizer.tiktoken", "tokenizer.tiktoken.json",
+                            "tokenizer_config.json"], _files(dest)
+    assert json.load(open(dest / "config.json"))["model_type"] == "qwen2"
+
+    dec, tok = Decoder.from_pretrained(dest, dtype="fp32", device="cpu"), Tokenizer.from_pretrained(dest)
+    row = tok.encode_chat([{"role": "system", "content": "the"}, {"role": "user", "content": "in the then"}])
+    assert max(row) < VOCAB and row == Tokenizer.from_pretrained(os.path.join(converted[2], "llm")).encode_chat(
+        [{"role": "system", "content": "the"}, {"role": "user", "content": "in the then"}])   # Qwen-1's chatml
+    ref, _ = _qwen2_reference(sd)
+    with torch.no_grad():
+        got, want = dec(torch.tensor([row])), ref(torch.tensor([row])).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert want.abs().max() > 1
+
+    _prepare(src, whisper_folder, out)   # a rerun: the source's files are as recorded, nothing is converted
+    assert len(calls) == 1
+    os.utime(src / "generation_config.json", ns=(0, 0))   # a re-download: converted again, in place
+    _prepare(src, whisper_folder, out)
+    assert len(calls) == 2 and sorted(os.listdir(out)) == ["Qwen-7B-Chat", "whisper"]
+
+
+def test_pickled_qwen1_shards_convert_to_the_same_bytes(tmp_path):
+    """An older Qwen-7B-Chat revision ships pytorch_model-*.bin: the same tensors give the same files."""
+    import prepare
+    for fmt in ("safetensors", "bin"):
+        make_qwen1(str(tmp_path / fmt / "Qwen-7B-Chat"), fmt)
+        prepare.convert_qwen1(str(tmp_path / fmt / "Qwen-7B-Chat"), str(tmp_path / fmt / "out"))
+    a, b = tmp_path / "safetensors" / "out" / "Qwen-7B-Chat", tmp_path / "bin" / "out" / "Qwen-7B-Chat"
+    assert _files(a) == _files(b)
+    for f in _files(a):
+        if f != "source.json":   # it names the source's files
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_broken_qwen1_folder_names_the_tensor(whisper_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src, out = tmp_path / "Qwen-7B-Chat", tmp_path / "checkpoints"
+    make_qwen1(str(src))
+    key = "transformer.h.1.mlp.w2.weight"
+    index = json.load(open(src / "model.safetensors.index.json"))
+    shard = src / index["weight_map"][key]
+    save_file({k: v for k, v in load_file(shard).items() if k != key}, shard, metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(shard))}: has no {key}, which "
+                                         r"model.safetensors.index.json says it holds$"):
+        _prepare(src, whisper_folder, out)
+    del index["weight_map"][key]   # and a download whose index lacks it: refused before any shard is read
+    json.dump(index, open(src / "model.safetensors.index.json", "w"))
+    with pytest.raises(SystemExit, match=rf"model.safetensors.index.json: has no {key} \(the config needs it\)$"):
+        _prepare(src, whisper_folder, out)
+    assert sorted(os.listdir(out)) == ["whisper"]   # nothing half-written left behind
+    (src / "qwen.tiktoken").unlink()
+    with pytest.raises(SystemExit, match=r"Qwen-7B-Chat/qwen.tiktoken: missing \(the Qwen-1 tokenizer\)$"):
+        _prepare(src, whisper_folder, out)
+    # a folder of the user's where the conversion would go is not replaced
+    (out / "Qwen-7B-Chat").mkdir()
+    (out / "Qwen-7B-Chat" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"checkpoints/Qwen-7B-Chat: already exists; the conversion goes there"):
+        _prepare(src, whisper_folder, out)
+    assert (out / "Qwen-7B-Chat" / "notes.txt").read_text() == "mine"
