@@ -89,10 +89,6 @@ def load_pretrained(cls, cfg, folder, name_of, dtype=None, device=None):
     return model.eval()
 
 
-def split_heads(x, n_heads):
-    return x.view(*x.shape[:2], n_heads, -1).transpose(1, 2)   # (B, T, n_heads * hd) -> (B, n_heads, T, hd)
-
-
 @dataclass
 class WhisperConfig:
     n_mels: int = 80
@@ -111,7 +107,8 @@ class WhisperAttention(nn.Module):
         self.v_proj, self.out_proj = nn.Linear(d, d), nn.Linear(d, d)
 
     def forward(self, x, mask):
-        q, k, v = (split_heads(p(x), self.n_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        heads = (p(x).unflatten(-1, (self.n_heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (h.transpose(1, 2) for h in heads)   # (B, T, n_heads, hd) -> (B, n_heads, T, hd)
         return self.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))
 
 
