@@ -555,6 +555,11 @@ def main(argv=None):
     for sec in only:
         if sec not in SECTIONS + EXTRA:
             raise SystemExit(f"unknown section {sec!r}; choose from {', '.join(SECTIONS + EXTRA)}")
+    try:   # every section times transformers beside ours; run.sh does not install it, test.sh does
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench.py compares against transformers, a test extra: install it with "
+                         "`.venv/bin/pip install -r requirements-test.txt` (or run `bash test.sh` once)") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     from model import pick_dtype

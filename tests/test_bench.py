@@ -2,6 +2,7 @@
 # sides compute the same thing. No timing thresholds: speed on a shared CI runner proves nothing.
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -102,3 +103,9 @@ def test_main_quick_writes_json_and_targets(tmp_path, capsys):
 def test_unknown_section_is_named():
     with pytest.raises(SystemExit, match="nope"):
         bench.main(["--quick", "--only=nope", "--out="])
+
+
+def test_without_transformers_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)   # import transformers -> ImportError
+    with pytest.raises(SystemExit, match="requirements-test.txt"):
+        bench.main(["--quick", "--only=train", "--out="])
