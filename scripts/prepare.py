@@ -275,17 +275,22 @@ def _expect(shapes, names, shape, folder):
     raise PrepareError(f"{folder}: no tensor {names[0]} in its weights")
 
 
+def read_json(path, error=PrepareError, hint=""):
+    """A config file as a dict (release.py reads its configs with it too); error(one line naming it) if it is
+    missing (hint: what the folder should have been) or not JSON."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: missing{hint}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise error(f"{path}: not JSON ({e})") from None
+
+
 def read_hf_config(folder):
     if not os.path.isdir(folder):
         raise PrepareError(f"{folder}: no such folder")
-    cfg_path = os.path.join(folder, "config.json")
-    try:
-        with open(cfg_path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise PrepareError(f"{cfg_path}: missing") from None
-    except ValueError as e:
-        raise PrepareError(f"{cfg_path}: not JSON ({e})") from None
+    return read_json(os.path.join(folder, "config.json"))
 
 
 def check_hf_folder(folder, kind):

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: data.py, model.py
 
 from convert import FormatError, write_config, write_tokenizer
-from prepare import weight_map
+from prepare import read_json, weight_map
 
 DEFAULT_OUT = os.path.join("runs", "blsp-emo-release")
 N_EMOTIONS = 5  # data.EMOTIONS: neutral, happy, angry, sad, surprise, the release's label order too
@@ -84,7 +84,7 @@ def _need(d, key, where):
 def read_config(src):
     """The release's config.json -> our run config (plus the dims the weight table needs)."""
     path = os.path.join(src, "config.json")
-    raw = read_json(path, "the BLSP-Emo release folder")
+    raw = read_json(path, ReleaseError, f" (is {src} the BLSP-Emo release folder?)")
     c = {**BLSP_DEFAULTS, **raw}
     wc, qc = _need(raw, "whisper_config", path), _need(raw, "qwen_config", path)
     if c["adapter_type"] != "subsampler":
@@ -113,17 +113,6 @@ def read_config(src):
                        "lora_scope": c["lora_scope"] if lora else None,
                        "lora_target_modules": lora and c["lora_config"].get("target_modules")}}
     return raw, run, dims, targets
-
-
-def read_json(path, what):
-    """A config.json as a dict; ReleaseError naming it if it is missing or not JSON."""
-    if not os.path.isfile(path):
-        _fail(f"{path}: missing (is {os.path.dirname(path)} {what}?)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        _fail(f"{path}: not JSON ({e})")
 
 
 def qwen_dims(qc, path, field=""):
@@ -445,7 +434,7 @@ def convert_qwen(src, dest, log=print):
     names, which model.py and tokenizer.py read: the LLM half of convert(), its keys without a prefix.
     prepare.py calls it for --llm=PATH (and records the source, so that it runs once)."""
     path = os.path.join(src, "config.json")
-    qc = read_json(path, "a Qwen-1 folder")
+    qc = read_json(path, ReleaseError, f" (is {src} a Qwen-1 folder?)")
     table = qwen_table(qwen_dims(qc, path))
     _need_tiktoken(src)
     wm, index_path, preloaded = read_index(src, "a Qwen-1 folder")

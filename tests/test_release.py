@@ -242,6 +242,21 @@ def _convert_fails(src, tmp_path):
     return msg
 
 
+def test_a_missing_or_broken_config_is_named(tmp_path):
+    """One reader (prepare.read_json) for the configs of a release, a Qwen-1 folder and a local HF folder."""
+    import prepare
+    with pytest.raises(release.ReleaseError, match=r"config.json: missing \(is .* the BLSP-Emo release folder\?\)$"):
+        release.read_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(release.ReleaseError, match=r"config.json: not JSON"):
+        release.convert_qwen(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(prepare.PrepareError, match=r"config.json: not JSON"):
+        prepare.check_hf_folder(str(tmp_path), "llm")
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(prepare.PrepareError, match=r"config.json: missing$"):
+        prepare.check_hf_folder(str(tmp_path), "llm")
+
+
 def test_missing_shard(pristine, tmp_path):
     src = _copy(pristine, tmp_path)
     os.remove(src / "pytorch_model-00002-of-00002.bin")
