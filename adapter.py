@@ -188,20 +188,18 @@ class SpeechLM(nn.Module):
         return dict(embeds=embeds, valid=valid, speech_mask=sp, labels=lab.to(dev) if lab is not None else None)
 
     @torch.no_grad()
-    def generate(self, messages, feats=(), *, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
-                 repetition_penalty=1.0, on_token=None, generator=None):
-        """Reply to one conversation or a batch: new ids per conversation; SPEECH parts are heard from feats."""
+    def generate(self, messages, feats=(), *, max_new_tokens=256, pick=None, on_token=None):
+        """Reply to one conversation or a batch: new ids per conversation; SPEECH parts are heard from feats.
+        pick: Decoder.generate's (chat.sampler: sampling, the repetition penalty); None: greedy."""
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         rows = [self.tok.encode_chat(c, add_generation_prompt=True) for c in convs]
         emb, lengths = self.speech_embeds(feats)
         p = shared_start(rows)   # the system prompt and instruction: run once, kept (prefix_kv)
         batch = self.splice([r[p:] for r in rows], [emb[i, :n] for i, n in enumerate(lengths.tolist())], pad="left")
         return self.decoder.generate(
-            embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-            stop_ids=self.tok.eos_ids,
-            prompt_scope=partial_lora(self.decoder, batch["speech_mask"], batch["valid"]), on_token=on_token,
-            generator=generator, prefix=self.prefix_kv(rows[0][:p]))
+            embeds=batch["embeds"], valid=batch["valid"], max_new_tokens=max_new_tokens, stop_ids=self.tok.eos_ids,
+            pick=pick, prompt_scope=partial_lora(self.decoder, batch["speech_mask"], batch["valid"]),
+            on_token=on_token, prefix=self.prefix_kv(rows[0][:p]))
 
     def response_logits(self, examples, feats=()):
         """(ids, labels) rows + encoder frames for their SPEECH slots, if any -> dict(logits (N, V) at the response

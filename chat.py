@@ -50,6 +50,38 @@ def heard(probs):
     return "neutral" if probs is None else EMOTIONS[int(probs.argmax())]
 
 
+def sampler(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0, generator=None):
+    """-> pick(logits (B, V)) -> ids (B,), each step's choice for one reply (Decoder.generate's pick): greedy at
+    temperature 0, else sampled from the top_k ids or the smallest head reaching top_p. repetition_penalty > 1:
+    CTRL's penalty (Keskar et al., 2019) on the ids this reply has already used (not the prompt's: a speech prompt
+    has none): a positive logit is divided by it, a negative one multiplied."""
+    used = None   # (B, V): the ids each reply has used, kept only when the penalty reads them
+
+    def pick(logits):
+        nonlocal used
+        if repetition_penalty != 1.0:
+            used = torch.zeros_like(logits, dtype=torch.bool) if used is None else used
+            logits = torch.where(used, torch.where(logits > 0, logits / repetition_penalty,
+                                                   logits * repetition_penalty), logits)
+        if temperature <= 0:
+            token = logits.argmax(-1)
+        else:
+            logits = logits.float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            if top_p is not None and top_p < 1.0:
+                sorted_logits, order = logits.sort(-1, descending=True)
+                p = sorted_logits.softmax(-1)
+                drop = p.cumsum(-1) - p > top_p   # keep the smallest head reaching top_p, never empty
+                logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+            token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        if used is not None:
+            used[torch.arange(len(token)), token] = True
+        return token
+    return pick
+
+
 def reply(model, args, history, feats, show=None):
     """The reply to history, streamed through show (demo.py shows it in its page)."""
     show = show or (lambda piece: print(piece, end="", flush=True))
@@ -64,9 +96,8 @@ def reply(model, args, history, feats, show=None):
                 show(text[len(shown):])
                 shown = text
     gen = torch.Generator(device=model.decoder.embed_tokens.weight.device).manual_seed(args.seed)
-    new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                         on_token=on_token, generator=gen)[0]
+    pick = sampler(args.temperature, args.top_k, args.top_p, args.repetition_penalty, gen)
+    new = model.generate(history, feats=feats, max_new_tokens=args.max_new_tokens, pick=pick, on_token=on_token)[0]
     if args.verbose:
         n, ttft, dt = len(new), (times[0] if times else time.time()) - t0, time.time() - t0
         rate = (n - 1) / max(dt - ttft, 1e-9) if n > 1 else 0.0

@@ -26,6 +26,7 @@ import cache
 import data
 from adapter import Adapter, SpeechLM, partial_lora
 from cache import emotion_label, make_example, read_manifest
+from chat import sampler
 from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, REPETITION_PENALTY, SPEECH,
                   SYSTEM_PROMPT)
 from model import KVCache
@@ -60,7 +61,7 @@ def replies(model, items, system, instruction, max_new_tokens, batch_size=64, re
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
         new = model.generate([msgs] * len(chunk), feats=[it["feats"] for it in chunk], max_new_tokens=max_new_tokens,
-                             repetition_penalty=repetition_penalty)
+                             pick=sampler(repetition_penalty=repetition_penalty))
         out += [model.tok.decode(t).strip() for t in new]
     return out
 

@@ -310,22 +310,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) ids. Greedy at temperature 0."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p > top_p            # keep the smallest head reaching top_p, never empty
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-
-
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -366,13 +350,11 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
-    def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, temperature=0.0, top_k=None,
-                 top_p=None, stop_ids=(), prompt_scope=contextlib.nullcontext(), on_token=None, generator=None,
-                 prefix=None, repetition_penalty=1.0):
+    def generate(self, tokens=None, *, embeds=None, valid=None, max_new_tokens=64, stop_ids=(), pick=None,
+                 prompt_scope=contextlib.nullcontext(), on_token=None, prefix=None):
         """Prompts LEFT-padded, after a PrefixKV they all start with (if any), read inside prompt_scope (SpeechLM's
-        partial LoRA) -> each row's new tokens; on_token(ids (B,), -1 for finished rows) streams them.
-        repetition_penalty > 1: CTRL's penalty (Keskar et al., 2019) on the ids this reply has already used (not the
-        prompt's: a speech prompt has none): a positive logit is divided by it, a negative one multiplied."""
+        partial LoRA) -> each row's new tokens; on_token(ids (B,), -1 for finished rows) streams them. pick(logits
+        (B, V)) -> ids (B,) chooses each step's tokens (chat.sampler); None: greedy."""
         x = tokens if embeds is None else embeds
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=x.device)
         n = 0 if prefix is None else prefix.len
@@ -383,15 +365,8 @@ class Decoder(nn.Module):
         with prompt_scope:
             logits = self(tokens, embeds=embeds, valid=valid, cache=cache, logits_at=-1)
         done, out = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device), []
-        # (B, V): the ids each reply has used, kept only when a penalty reads them
-        used = None if repetition_penalty == 1.0 else torch.zeros(logits.shape, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
-            if used is not None:
-                logits = torch.where(used, torch.where(logits > 0, logits / repetition_penalty,
-                                                       logits * repetition_penalty), logits)
-            token = sample(logits, temperature, top_k, top_p, generator)
-            if used is not None:
-                used[torch.arange(len(token)), token] = True
+            token = logits.argmax(-1) if pick is None else pick(logits)
             done |= torch.isin(token, stop)
             out.append(token.masked_fill(done, -1))
             if on_token is not None:

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 import convert  # noqa: E402
+from chat import sampler  # noqa: E402
 from model import (Decoder, DecoderConfig, KVCache, WhisperConfig, WhisperEncoder, read_config,  # noqa: E402
-                   pick_device, pick_dtype, rope_inv_freq, sample)
+                   pick_device, pick_dtype, rope_inv_freq)
 
 TOL = 1e-4
 VOCAB = 101
@@ -248,7 +249,7 @@ def test_repetition_penalty_matches_transformers_from_embeddings(pair):
     embeds = ours.embed_tokens(prompt).detach()
     plain = ours.generate(embeds=embeds, max_new_tokens=16)
     assert any(len(set(row)) < len(row) for row in plain)   # greedy repeats itself here: the penalty has work
-    got = ours.generate(embeds=embeds, max_new_tokens=16, repetition_penalty=1.8)
+    got = ours.generate(embeds=embeds, max_new_tokens=16, pick=sampler(repetition_penalty=1.8))
     ref = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
                       min_new_tokens=16, do_sample=False, pad_token_id=0, repetition_penalty=1.8)
     assert got == ref.tolist()
@@ -268,15 +269,16 @@ def test_stop_ids_sampling_and_streaming(pair):
     assert [s[1] for s in seen if s[1] >= 0] == got[1]
     # sampling: seeded runs repeat, top_k=1 and a tiny top_p are greedy
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    a = ours.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g())
-    assert a == ours.generate(prompt, max_new_tokens=10, temperature=1.0, generator=g())
-    assert ours.generate(prompt, max_new_tokens=10, temperature=0.7, top_k=1, generator=g()) == greedy
-    assert ours.generate(prompt, max_new_tokens=10, temperature=0.7, top_p=1e-6, generator=g()) == greedy
+    a = ours.generate(prompt, max_new_tokens=10, pick=sampler(1.0, generator=g()))
+    assert a == ours.generate(prompt, max_new_tokens=10, pick=sampler(1.0, generator=g()))
+    assert a != greedy   # it samples
+    assert ours.generate(prompt, max_new_tokens=10, pick=sampler(0.7, top_k=1, generator=g())) == greedy
+    assert ours.generate(prompt, max_new_tokens=10, pick=sampler(0.7, top_p=1e-6, generator=g())) == greedy
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     gen = g()
-    assert {sample(logits, 1.0, top_k=2, generator=gen).item() for _ in range(50)} == {2, 3}
-    assert {sample(logits, 1.0, top_p=0.9, generator=gen).item() for _ in range(50)} == {1, 2, 3}
-    assert sample(logits).tolist() == [3]
+    assert {sampler(1.0, top_k=2, generator=gen)(logits).item() for _ in range(50)} == {2, 3}
+    assert {sampler(1.0, top_p=0.9, generator=gen)(logits).item() for _ in range(50)} == {1, 2, 3}
+    assert sampler()(logits).tolist() == [3]
 
 
 def test_prompt_scope_covers_the_prompt_only(pair):
