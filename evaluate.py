@@ -187,7 +187,9 @@ def ser_closed(model, items, transcript=False, batch_size=32):
     each of the five label words is scored as the reply ("happy": its tokens, no closing ones) by its
     total log-likelihood, and the likeliest is the answer. Unlike free text, no answer is "unknown", so
     it measures what the model hears, not whether it follows the instruction. transcript=True: the LLM
-    reads the transcript with the emotion told in words (as ser_text_oracle), no speech: the ceiling."""
+    reads the transcript with the emotion told in words (as ser_text_oracle), no speech: the ceiling.
+    -> (accuracy, calibrated accuracy). Calibrated: each label word's score minus its mean over these clips (no
+    label used), so the LLM's prior for a word ("neutral", "happy") no longer decides every answer: what it hears."""
     examples, feats = [], []
     for it in items:
         parts = [SER_QUESTION + told(it)] if transcript else [SER_QUESTION, SPEECH]
@@ -195,8 +197,9 @@ def ser_closed(model, items, transcript=False, batch_size=32):
             examples.append(make_example(model.tok, SYSTEM_PROMPT, parts, e, truncated=True))
             feats.append(it.get("feats"))
     scores = reply_logprobs(model, examples, None if transcript else feats, batch_size)
-    pred = torch.tensor([s for s, _ in scores]).view(len(items), len(EMOTIONS)).argmax(-1).tolist()
-    return sum(p == it["label"] for p, it in zip(pred, items)) / max(len(items), 1)
+    table = torch.tensor([s for s, _ in scores]).view(len(items), len(EMOTIONS))
+    labels = torch.tensor([it["label"] for it in items])
+    return tuple((t.argmax(-1) == labels).sum().item() / max(len(items), 1) for t in (table, table - table.mean(0)))
 
 
 def distractors(n, k=9, seed=0):
@@ -434,7 +437,8 @@ def main():
     print_ser(base, "stage 1 only (baseline)")
     oracle = ser_text_oracle(m1, base_items)
     print(f"the LLM told the emotion in words (no speech): free-text accuracy {oracle:.1%}, the ceiling for this LLM")
-    closed1, closed_ceiling = ser_closed(m1, base_items), ser_closed(m1, base_items, transcript=True)
+    closed1, cal1 = ser_closed(m1, base_items)
+    closed_ceiling, cal_ceiling = ser_closed(m1, base_items, transcript=True)
     vader = load_vader()
     # the tone table asks what stage 2 was trained to hear (as chat.py): the speech alone, or after the paper's
     # instruction; stage 1 is asked the same, as the baseline of the fit gap
@@ -448,13 +452,13 @@ def main():
     print_ser(res, "stage 2")
     plot_confusion(res, os.path.join(out, "confusion.png"))
     tone, differ = tone_table(m2, test, EMOTION_SYSTEM_PROMPT, heard, repetition_penalty)
-    closed = ser_closed(m2, test)
+    closed, cal = ser_closed(m2, test)
     head_other = (accuracy(head_confusion(m2, emotion_items(m2, other_manifest)))
                   if os.path.exists(other_manifest) else None)
     if head_other is not None:
         print(f"emotion head on another speech engine ({other_manifest}): {head_other:.1%}")
     print(f"closed-set SER (the likeliest of the five label words): stage 2 {closed:.1%}, stage 1 only {closed1:.1%}, "
-          f"the LLM told the emotion in words {closed_ceiling:.1%}")
+          f"the LLM told the emotion in words {closed_ceiling:.1%}; calibrated {cal:.1%}, {cal1:.1%}, {cal_ceiling:.1%}")
     # Do the replies fit the tone? The same clips' replies from both stages, and stage 2's own targets for them.
     texts, emos = [r[e] for r in tone for e in EMOTIONS], [e for _ in tone for e in EMOTIONS]
     fit = dict(fit_gap=None, fit_gap_stage1=None, fit_gap_ceiling=None, distinct_replies_ceiling=None)
@@ -473,7 +477,8 @@ def main():
     report.update(ser_head_acc=res.get("head_acc"), head_acc_other_engine=head_other, ser_text_acc=res["acc"], ser_text_acc_stage1=base["acc"], ser_text_oracle=oracle,
                   ser_recall=res["recall"], ser_unknown=res["unknown"], ser_confusion=res["confusion"],
                   ser_stage1_recall=base["recall"], tone_differ=differ, ser_closed_acc=closed,
-                  ser_closed_acc_stage1=closed1, ser_closed_ceiling=closed_ceiling, **content,
+                  ser_closed_acc_stage1=closed1, ser_closed_ceiling=closed_ceiling, ser_closed_calibrated=cal,
+                  ser_closed_calibrated_stage1=cal1, ser_closed_calibrated_ceiling=cal_ceiling, **content,
                   distinct_replies=distinct_replies(texts), **fit,
                   wall_s=time.time() - (started or t0), cpu=torch.backends.cpu.get_cpu_capability(),
                   dtype=str(m2.decoder.embed_tokens.weight.dtype).removeprefix("torch."), peak_rss_gb=max(peaks), eval_s=time.time() - t0,
@@ -531,7 +536,9 @@ def write_markdown(r, path):
              f"the LLM told the emotion in words: {pct(r['ser_text_oracle'])} (its ceiling)",
              f"- closed-set SER accuracy (the likeliest of the five label words): stage 2 {pct(r['ser_closed_acc'])}, "
              f"stage 1 only {pct(r['ser_closed_acc_stage1'])}; the LLM told the emotion in words: "
-             f"{pct(r['ser_closed_ceiling'])} (its ceiling)",
+             f"{pct(r['ser_closed_ceiling'])} (its ceiling); calibrated (each word's mean score over the clips "
+             f"removed): stage 2 {pct(r.get('ser_closed_calibrated'))}, stage 1 only "
+             f"{pct(r.get('ser_closed_calibrated_stage1'))}, told {pct(r.get('ser_closed_calibrated_ceiling'))}",
              f"- stage 1 content retrieval (its own continuation the likeliest among {r['content_candidates']}, "
              f"{r['content_n']} held-out clips): {pct(r['content_acc'])}; untrained adapter {pct(r['content_acc_floor'])}, "
              f"the LLM reading the transcript {pct(r['content_acc_ceiling'])}",

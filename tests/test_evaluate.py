@@ -240,14 +240,14 @@ def test_ser_closed_picks_the_likeliest_label_word(model, monkeypatch):
     by_mean = sum(int(max(range(5), key=lambda j: table[i, j] / len(model.tok.encode(EMOTIONS[j])))) == it["label"]
                   for i, it in enumerate(its)) / len(its)
     assert want >= 0.4 and want != by_mean                 # the table tells a total from a per-token mean
-    assert ev.ser_closed(model, its) == pytest.approx(want)
+    assert ev.ser_closed(model, its)[0] == pytest.approx(want)
     speech_prompt = model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT},
                                            {"role": "user", "content": [ev.SER_QUESTION, ev.SPEECH]}])
     assert [s[1] for s in seen] == EMOTIONS * len(its)     # the bare label words, no closing tokens
     assert all(p == speech_prompt and own for p, _, own in seen)
     # the ceiling: the transcript with the emotion told, no speech
     seen.clear()
-    assert ev.ser_closed(model, its, transcript=True) == pytest.approx(want)
+    assert ev.ser_closed(model, its, transcript=True)[0] == pytest.approx(want)
     for k, (p, _, feats_given) in enumerate(seen):
         it = its[k // 5]
         assert feats_given is None
@@ -255,12 +255,27 @@ def test_ser_closed_picks_the_likeliest_label_word(model, monkeypatch):
         assert p == model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT}, {"role": "user", "content": user}])
 
 
+def test_ser_closed_calibration_removes_the_label_prior(model, monkeypatch):
+    # every clip hears its own label (+1 over noise of 0.1), but the LLM likes "neutral" 10 more whatever it hears:
+    # the raw answer is always neutral (right for the 2 neutral clips of 10); calibrated, all 10 are right
+    its = items(2, seed=6)
+    g = torch.Generator().manual_seed(9)
+    table = 0.1 * torch.rand(len(its), len(EMOTIONS), generator=g)
+    table[:, EMOTIONS.index("neutral")] += 10.0
+    for i, it in enumerate(its):
+        table[i, it["label"]] += 1.0
+    monkeypatch.setattr(ev, "reply_logprobs", lambda m, examples, feats=None, batch_size=16: [
+        (table[k // len(EMOTIONS), k % len(EMOTIONS)].item(), 1) for k in range(len(examples))])
+    assert ev.ser_closed(model, its) == pytest.approx((0.2, 1.0))
+
+
 def test_ser_closed_on_a_tiny_model(model):
     its = items(1, seed=8)
-    acc = ev.ser_closed(model, its, batch_size=7)           # batches split clips' five rows apart
-    assert 0 <= acc <= 1 and round(acc * len(its), 6) == int(round(acc * len(its)))
-    assert ev.ser_closed(model, its, batch_size=50) == acc
-    assert 0 <= ev.ser_closed(model, its, transcript=True) <= 1
+    acc, cal = ev.ser_closed(model, its, batch_size=7)      # batches split clips' five rows apart
+    for a in (acc, cal):
+        assert 0 <= a <= 1 and round(a * len(its), 6) == int(round(a * len(its)))
+    assert ev.ser_closed(model, its, batch_size=50) == pytest.approx((acc, cal), abs=1e-6)
+    assert all(0 <= a <= 1 for a in ev.ser_closed(model, its, transcript=True))
 
 
 def test_distractors_are_fair_and_fixed():

@@ -96,7 +96,8 @@ def test_end_to_end_smoke(tmp_path):
     assert r["kl_end"] < r["kl_start"]                 # 8 steps at a high rate already bring it down
     for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1", "ser_text_oracle", "tone_differ",
               "head_acc_other_engine", "distinct_replies", "ser_closed_acc", "ser_closed_acc_stage1",
-              "ser_closed_ceiling", "content_acc", "content_acc_floor", "content_acc_ceiling", "distinct_replies_ceiling"):
+              "ser_closed_ceiling", "ser_closed_calibrated", "ser_closed_calibrated_stage1",
+              "ser_closed_calibrated_ceiling", "content_acc", "content_acc_floor", "content_acc_ceiling", "distinct_replies_ceiling"):
         assert isinstance(r[k], (int, float)) and 0.0 <= r[k] <= 1.0, (k, r[k])
     # accuracies are fractions of the 20 held-out clips; the tone table has both held-out sentences
     assert all(round(r[k] * 20, 6) == int(round(r[k] * 20)) for k in ("ser_head_acc", "ser_text_acc", "ser_text_acc_stage1",
