@@ -78,8 +78,8 @@ def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
         try:
             if not os.path.isfile(p):
                 raise AudioError(f"{p}: no such audio file")
-            st = os.stat(p)   # the key: the clip's file as it is now and the encoder
-            key = hashlib.sha1(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
+            st = os.stat(p)   # key: the path as written (a moved clone keeps its cache), the file now, the encoder
+            key = hashlib.sha1(f"{os.path.normpath(p)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
             f = os.path.join(cache_dir, key + ".safetensors")
             if os.path.exists(f):
                 out[i] = load_file(f)["feats"]

@@ -34,6 +34,21 @@ def test_encode_clips_caches_each_clip_alone_and_skips_bad_ones(tmp_path, capsys
     assert again[1] is None and all(torch.equal(a, b) for a, b in zip(again[:1] + again[2:], feats))
 
 
+def test_encode_clips_a_moved_clone_reads_its_cache(tmp_path, monkeypatch):
+    # manifests name clips relative to the clone, as the cache is: a clone moved elsewhere re-encodes nothing
+    enc = WhisperEncoder(WhisperConfig(n_mels=80, d_model=16, n_heads=2, n_layers=1, ffn_dim=32)).eval()
+    (tmp_path / "a" / "speech").mkdir(parents=True)
+    sf.write(tmp_path / "a" / "speech" / "x.wav", 0.1 * torch.randn(SAMPLE_RATE).numpy(), SAMPLE_RATE)
+    monkeypatch.chdir(tmp_path / "a")
+    feats = cache.encode_clips(SpeechLM(enc, None, None, None).encode_audio, ["speech/x.wav"], ".cache", "enc")
+    os.rename(tmp_path / "a", tmp_path / "b")   # mv keeps each file's size and mtime
+    monkeypatch.chdir(tmp_path / "b")
+    again = cache.encode_clips(None, ["speech/x.wav"], ".cache", "enc")   # None: an encoder call would fail
+    assert torch.equal(again[0], feats[0])
+    os.utime("speech/x.wav", ns=(0, 0))   # the file changed: encoded again
+    assert cache.encode_clips(lambda clips: [torch.ones(3, 16)], ["speech/x.wav"], ".cache", "enc")[0].sum() == 48
+
+
 def test_trim_repeats_cuts_at_the_first_repeated_sentence():
     looped = "I'm sorry for your loss. I'm sure you're not alone. I'm sure you're not alone. I'm sure"
     assert cache.trim_repeats(looped) == ("I'm sorry for your loss. I'm sure you're not alone.", True)
