@@ -39,8 +39,8 @@ FULL = dict(enc=dict(num_mel_bins=80, d_model=512, encoder_layers=6, encoder_att
                     num_attention_heads=9, num_key_value_heads=3, rope_theta=1e5, tie_word_embeddings=True),
             prompt_len=64, new_tokens=128, copy_mb=512, batch=8, d_enc=512,
             # A/B rounds, and seconds after which a section stops adding rounds: under 15 minutes on 2 cores
-            reps=dict(log_mel=41, encoder=5, decode=3, decode_small=3, train=3, int8=3),
-            budget_s=dict(log_mel=20, encoder=60, decode=150, decode_small=60, train=60, int8=150))
+            reps=dict(log_mel=41, encoder=5, decode=3, decode_small=3, train=9, int8=3),
+            budget_s=dict(log_mel=20, encoder=60, decode=150, decode_small=60, train=90, int8=150))
 TINY = dict(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
 TINY_LM = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True)
