@@ -15,9 +15,12 @@ from data import (CONTINUE, CONTINUE_WITH_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIO
                   SYSTEM_PROMPT, AudioError, load_audio)
 from trainer import atomic_write
 
-# Refusals are dropped from the targets: a speech model trained to refuse learns nothing.
-REFUSALS = ("i'm sorry, but i cannot", "i am sorry, but i cannot", "as an ai language model",
-            "i cannot fulfill", "i can't assist", "i cannot assist", "i'm sorry, but i can't")
+# Refusals and disclaimers are dropped from the targets: a speech model trained on "I'm sorry for your loss, but as a
+# language AI, I don't have the ability to ..." says it to any clip, whatever it hears (the release drops "i'm sorry,
+# but i" and "i'm not sure what you" too).
+REFUSALS = ("i'm sorry, but i", "i am sorry, but i", "i'm not sure what you", "as an ai", "as a language",
+            "as a helpful ai", "i cannot fulfill", "i can't assist", "i cannot assist", "i'm not equipped",
+            "i don't have the ability", "i'm unable to")
 
 
 def read_manifest(path):
@@ -132,7 +135,7 @@ def drop_by_duration(rows, min_seconds, max_seconds, where):
 def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_size=128):
     """The frozen LLM's greedy reply (model: a SpeechLM, reading text only) to build_prompt(item) for each item ->
     {key: record}, cached in `path` by a hash of the prompt, the LLM's folder and max_new_tokens, so a changed
-    instruction, LLM or length never reuses stale targets; refusals are kept, flagged."""
+    instruction, LLM or length never reuses stale targets; refusals are kept (training_items drops them)."""
     done, prompts = {}, {}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a+") as f:   # read from the start, written at the end
@@ -156,8 +159,7 @@ def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_s
             new = model.generate([m for _, m in chunk], max_new_tokens=max_new_tokens)
             for (key, _), toks in zip(chunk, new):
                 text = model.tok.decode(toks).strip()
-                rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens,
-                       "refusal": any(r in text.lower() for r in REFUSALS)}
+                rec = {"key": key, "target": text, "truncated": len(toks) >= max_new_tokens}
                 f.write(json.dumps(rec) + "\n")
                 done[key] = rec
             f.flush()
@@ -194,7 +196,8 @@ def training_items(rows, targets, make_examples, n_unreadable, where, max_text_t
         skipped[too_long] = 0
     for row in rows:
         t = targets[row["target_key"]]
-        why = "refusal" if t["refusal"] else "empty target" if not t["target"] else None
+        refusal = any(r in t["target"].lower() for r in REFUSALS)   # judged here: cached targets meet today's list
+        why = "refusal" if refusal else "empty target" if not t["target"] else None
         if why:
             skipped[why] += 1
             continue

@@ -58,24 +58,24 @@ def test_trim_repeats_cuts_at_the_first_repeated_sentence():
 
 
 def test_training_items_cut_loops_and_count_what_they_drop(capsys):
-    rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(4)]
-    targets = {"k0": dict(target="A. B. A. B.", truncated=True, refusal=False),
-               "k1": dict(target="Fine.", truncated=True, refusal=False),
-               "k2": dict(target="I'm sorry, but I cannot do that.", truncated=False, refusal=True),
-               "k3": dict(target="", truncated=False, refusal=False)}
+    rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(5)]
+    targets = {"k0": dict(target="A. B. A. B.", truncated=True), "k1": dict(target="Fine.", truncated=True),
+               "k2": dict(target="I'm sorry, but I cannot do that.", truncated=False),
+               "k3": dict(target="", truncated=False),
+               "k4": dict(target="I'm sorry for your loss, but as a language AI, I have no ability", truncated=True)}
     items = cache.training_items(rows, targets, lambda row, t: dict(seen=(t["target"], t["truncated"])), 1, "m.jsonl")
     # a cut loop ends where it is cut (not truncated: the model learns to stop); an uncut one keeps its flag
     assert [it["seen"] for it in items] == [("A. B.", False), ("Fine.", True)]
     assert [it["target"] for it in items] == ["A. B.", "Fine."]
     out = capsys.readouterr().out
-    assert "2 items (1 targets cut" in out and "'unreadable audio': 1, 'refusal': 1, 'empty target': 1" in out
+    assert "2 items (1 targets cut" in out and "'unreadable audio': 1, 'refusal': 2, 'empty target': 1" in out
 
 
 def test_training_items_drop_examples_over_max_text_tokens(capsys):
     # the release drops an example whose text side (prompt + transcript + target) is over max_length tokens:
     # here the teacher example has 3 + len(target) ids; with max 5 the 3-word target (6 ids) goes, 2 words stay
     rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(3)]
-    targets = {f"k{i}": dict(target=t, truncated=False, refusal=False) for i, t in enumerate(["a b", "a b c", "a"])}
+    targets = {f"k{i}": dict(target=t, truncated=False) for i, t in enumerate(["a b", "a b c", "a"])}
     make = lambda row, t: dict(teacher=([0, 0, 0] + t["target"].split(), None))   # noqa: E731
     items = cache.training_items(rows, targets, make, 0, "m.jsonl", max_text_tokens=5)
     assert [it["target"] for it in items] == ["a b", "a"]
