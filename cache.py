@@ -196,8 +196,8 @@ def training_items(rows, targets, make_examples, n_unreadable, where, max_text_t
         skipped[too_long] = 0
     for row in rows:
         t = targets[row["target_key"]]
-        refusal = any(r in t["target"].lower() for r in REFUSALS)   # judged here: cached targets meet today's list
-        why = "refusal" if refusal else "empty target" if not t["target"] else None
+        said = t["target"].lower().replace("’", "'")   # judged here, so cached targets meet today's list
+        why = "refusal" if any(r in said for r in REFUSALS) else "empty target" if not t["target"] else None
         if why:
             skipped[why] += 1
             continue

@@ -58,17 +58,18 @@ def test_trim_repeats_cuts_at_the_first_repeated_sentence():
 
 
 def test_training_items_cut_loops_and_count_what_they_drop(capsys):
-    rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(5)]
+    rows = [dict(text=f"s{i}", target_key=f"k{i}") for i in range(6)]
     targets = {"k0": dict(target="A. B. A. B.", truncated=True), "k1": dict(target="Fine.", truncated=True),
                "k2": dict(target="I'm sorry, but I cannot do that.", truncated=False),
                "k3": dict(target="", truncated=False),
+               "k5": dict(target="I’m sorry, but I can’t.", truncated=False),   # curly apostrophes
                "k4": dict(target="I'm sorry for your loss, but as a language AI, I have no ability", truncated=True)}
     items = cache.training_items(rows, targets, lambda row, t: dict(seen=(t["target"], t["truncated"])), 1, "m.jsonl")
     # a cut loop ends where it is cut (not truncated: the model learns to stop); an uncut one keeps its flag
     assert [it["seen"] for it in items] == [("A. B.", False), ("Fine.", True)]
     assert [it["target"] for it in items] == ["A. B.", "Fine."]
     out = capsys.readouterr().out
-    assert "2 items (1 targets cut" in out and "'unreadable audio': 1, 'refusal': 2, 'empty target': 1" in out
+    assert "2 items (1 targets cut" in out and "'unreadable audio': 1, 'refusal': 3, 'empty target': 1" in out
 
 
 def test_training_items_drop_examples_over_max_text_tokens(capsys):
