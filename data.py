@@ -46,7 +46,10 @@ def load_audio(path, sr=SAMPLE_RATE):
     if data.shape[0] == 0:
         raise AudioError(f"{path}: empty audio clip (0 samples)")
     audio = torch.from_numpy(data).mean(dim=1)  # mono mixdown: the plain channel average
-    return (AF.resample(audio, file_sr, sr) if file_sr != sr else audio).contiguous()
+    audio = (AF.resample(audio, file_sr, sr) if file_sr != sr else audio).contiguous()
+    if audio.numel() < HOP_LENGTH:   # not one 10 ms mel frame: nothing the encoder could hear
+        raise AudioError(f"{path}: {audio.numel() / sr * 1000:.1f} ms is shorter than one 10 ms mel frame")
+    return audio
 
 
 @lru_cache(maxsize=None)

@@ -49,6 +49,12 @@ def test_encode_clips_a_moved_clone_reads_its_cache(tmp_path, monkeypatch):
     assert cache.encode_clips(lambda clips: [torch.ones(3, 16)], ["speech/x.wav"], ".cache", "enc")[0].sum() == 48
 
 
+def test_encode_clips_skip_a_clip_under_one_mel_frame(tmp_path, capsys):
+    sf.write(tmp_path / "3ms.wav", 0.1 * torch.randn(48).numpy(), SAMPLE_RATE)   # a run warns and goes on
+    assert cache.encode_clips(None, [str(tmp_path / "3ms.wav")], str(tmp_path / "feats"), "enc") == [None]
+    assert "3ms.wav: 3.0 ms is shorter than one 10 ms mel frame; skipped" in capsys.readouterr().err
+
+
 def test_trim_repeats_cuts_at_the_first_repeated_sentence():
     looped = "I'm sorry for your loss. I'm sure you're not alone. I'm sure you're not alone. I'm sure"
     assert cache.trim_repeats(looped) == ("I'm sorry for your loss. I'm sure you're not alone.", True)

@@ -32,6 +32,7 @@ def setup(tmp_path_factory):
         "long": tiny.write_wav(clips / "long.wav", tiny.chirp(31.0, seed=2)),
         "silent": tiny.write_wav(clips / "silent.wav", np.zeros(16000)),
         "empty": tiny.write_wav(clips / "empty.wav", np.zeros(0)),
+        "3ms": tiny.write_wav(clips / "3ms.wav", tiny.chirp(1.0, seed=3)[:48]),
         "missing": str(clips / "missing.wav"),
         "text": str(clips / "notes.txt"),
     }
@@ -68,6 +69,7 @@ BAD = {   # case -> (extra args, what the message must name)
     "text file as audio": (lambda s: [s["clips"]["text"]], lambda s: ["notes.txt", "not a readable audio file"]),
     "empty clip": (lambda s: [s["clips"]["empty"]], lambda s: ["empty.wav", "empty", "0 samples"]),
     "silent clip": (lambda s: [s["clips"]["silent"]], lambda s: ["silent.wav", "silent"]),
+    "3 ms clip": (lambda s: [s["clips"]["3ms"]], lambda s: ["3ms.wav", "3.0 ms is shorter than one 10 ms mel frame"]),
     "no model.safetensors": (lambda s: [s["clips"]["a"], f"--ckpt={s['noweights']}"],
                              lambda s: [os.path.join(s["noweights"], "model.safetensors"), "missing"]),
     "no run folder": (lambda s: [s["clips"]["a"], f"--ckpt={s['empty_dir']}"],
