@@ -80,7 +80,7 @@ def encode_clips(encode, paths, cache_dir, enc_id, *, batch_size=8):
     for i, p in enumerate(paths):
         try:
             if not os.path.isfile(p):
-                raise AudioError(f"{p}: no such audio file")
+                load_audio(p)   # raises the AudioError that says why
             st = os.stat(p)   # key: the path as written (a moved clone keeps its cache), the file now, the encoder
             key = hashlib.sha1(f"{os.path.normpath(p)}|{st.st_size}|{st.st_mtime_ns}|{enc_id}".encode()).hexdigest()
             f = os.path.join(cache_dir, key + ".safetensors")

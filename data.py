@@ -38,7 +38,7 @@ class AudioError(ValueError):   # a file that cannot be used as speech; the mess
 def load_audio(path, sr=SAMPLE_RATE):
     """Any soundfile-readable file (wav, flac, ogg, mp3) -> float32 mono (N,) at `sr`."""
     if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such audio file")
+        raise AudioError(f"{path}: {'a folder, not an audio file' if os.path.isdir(path) else 'no such audio file'}")
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (N, channels)
     except (sf.SoundFileError, RuntimeError) as e:  # libsndfile says "Format not recognised" etc.

@@ -66,6 +66,7 @@ def assert_clean_error(p, *needles):
 
 BAD = {   # case -> (extra args, what the message must name)
     "missing file": (lambda s: [s["clips"]["missing"]], lambda s: ["missing.wav", "no such audio file"]),
+    "a folder as audio": (lambda s: [s["noweights"]], lambda s: [s["noweights"], "a folder, not an audio file"]),
     "text file as audio": (lambda s: [s["clips"]["text"]], lambda s: ["notes.txt", "not a readable audio file"]),
     "empty clip": (lambda s: [s["clips"]["empty"]], lambda s: ["empty.wav", "empty", "0 samples"]),
     "silent clip": (lambda s: [s["clips"]["silent"]], lambda s: ["silent.wav", "silent"]),
