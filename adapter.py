@@ -224,15 +224,12 @@ class SpeechLM(nn.Module):
 
     def prefix_kv(self, ids):
         """The PrefixKV of a shared prompt start, kept for the next batches (a few: a run uses one or two)."""
-        if not ids:
-            return None
-        key = tuple(ids)
-        if key not in self._prefixes:
+        if ids and (key := tuple(ids)) not in self._prefixes:
             if len(self._prefixes) >= 8:
                 self._prefixes.pop(next(iter(self._prefixes)))
             dev = self.decoder.embed_tokens.weight.device
             self._prefixes[key] = PrefixKV(self.decoder, torch.tensor(ids, device=dev))
-        return self._prefixes[key]
+        return self._prefixes[tuple(ids)] if ids else None
 
     def trainable_parameters(self):
         """{name: Parameter} of what BLSP-Emo trains (adapter, emotion head, LoRA); the rest is frozen here."""
@@ -262,12 +259,12 @@ class SpeechLM(nn.Module):
     @classmethod
     def from_run(cls, run_dir, device=None, dtype=None, whisper=None, llm=None):
         """The model a run folder describes, in eval mode; whisper / llm override its folders (the adapter must fit)."""
-        w_path = os.path.join(run_dir, "model.safetensors")
-        if missing := [p for p in (os.path.join(run_dir, "config.json"), w_path) if not os.path.isfile(p)]:
+        files = Path(run_dir, "config.json"), Path(run_dir, "model.safetensors")
+        if missing := [p for p in files if not p.is_file()]:
             raise FileNotFoundError(f"run folder {run_dir}: missing {missing[0]}")
-        config = json.loads(Path(run_dir, "config.json").read_text())
+        config = json.loads(files[0].read_text())
         if missing := [key for key in ("whisper", "llm", "adapter") if key not in config]:
-            raise ValueError(f"{run_dir}/config.json: no {missing[0]!r} entry")
+            raise ValueError(f"{files[0]}: no {missing[0]!r} entry")
         paths = {k: v or os.path.normpath(os.path.join(run_dir, config[k]))   # relative to the run folder
                  for k, v in (("whisper", whisper), ("llm", llm))}
         # the dimensions from the folders' model.json first: no multi-GB load before a mismatch is found
@@ -278,16 +275,20 @@ class SpeechLM(nn.Module):
                 f"{config['llm']} (d_llm {a.get('d_llm')}); loaded whisper {paths['whisper']} (d_model {dims[0]}) + "
                 f"llm {paths['llm']} (dim {dims[1]})")
         if (a.get("d_enc"), a.get("d_llm")) != dims:
-            raise ValueError(f"{run_dir}/config.json: the adapter does not fit this encoder/LLM pair: {pair}")
+            raise ValueError(f"{files[0]}: the adapter does not fit this encoder/LLM pair: {pair}")
         model = cls.build(paths["whisper"], paths["llm"], device, dtype, adapter=a)
         model.start_stage2(config.get("lora"), config.get("num_emotions") or 0)
         model.config = {**config, **paths}
-        weights, own = load_file(w_path), model.trainable_parameters()
+        model.load_trainable(files[1], pair)
+        return model.eval()
+
+    def load_trainable(self, path, pair=""):
+        """The trainable weights from a run's or checkpoint's model.safetensors, each present and of its shape."""
+        weights, own = load_file(path), self.trainable_parameters()
         if set(weights) != set(own):
-            raise KeyError(f"{w_path}: missing keys {sorted(set(own) - set(weights))}, "
+            raise KeyError(f"{path}: missing keys {sorted(set(own) - set(weights))}, "
                            f"unexpected keys {sorted(set(weights) - set(own))}")
         try:
-            model.load_state_dict(weights, strict=False)
+            self.load_state_dict(weights, strict=False)
         except RuntimeError as e:   # a weight of another shape: almost always another encoder/LLM pair
-            raise ValueError(f"{w_path}: {e}; {pair}") from None
-        return model.eval()
+            raise ValueError(f"{path}: {e}; {pair}") from None

@@ -130,15 +130,14 @@ def main():
     config.update(stage="emotion", whisper=model.config["whisper"], llm=model.config["llm"])   # the run's folders
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
-    trainable = model.trainable_parameters()   # adapter, emotion head, LoRA
-    params = list(trainable.values())
+    params = list(model.trainable_parameters().values())   # adapter, emotion head, LoRA
     opt = adamw(params, lr, weight_decay)
     bf16 = model.decoder.embed_tokens.weight.dtype == torch.bfloat16
     ctx = bf16_autocast(dev, bf16 if autocast is None else autocast)
     steps = plan(len(items), batch_size, grad_accum, max_steps, epochs)
     if ckpt is None and head_warmup_steps:
         warm_up_head(model, items)   # a resumed run finds the warmed-up weights in its checkpoint
-    step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
+    step, elapsed = start_or_resume(out_dir, ckpt, model, opt, seed, n_items=len(items), batch_size=batch_size)
     log = os.path.join(out_dir, "log.jsonl")
 
     stop, t0 = stop_signal(), time.time() - elapsed   # elapsed counts across resumes

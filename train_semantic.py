@@ -141,8 +141,7 @@ def main():
     model = SpeechLM.build(whisper, llm, device=dev, dtype=dtype)
     items = load_items(model, train_manifest, max_train, out_dir)
     held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
-    trainable = model.trainable_parameters()   # the adapter
-    params = list(trainable.values())
+    params = list(model.trainable_parameters().values())   # the adapter
     opt = adamw(params, lr, weight_decay)
     bf16 = model.decoder.embed_tokens.weight.dtype == torch.bfloat16
     ctx = bf16_autocast(dev, bf16 if autocast is None else autocast)
@@ -155,7 +154,7 @@ def main():
         ctc = ctc_warmup(model, spoken + items)
     spoken = [cache.make_example(model.tok, SYSTEM_PROMPT, [TRANSCRIBE, SPEECH], r["text"].strip()) + (r["feats"],)
               for r in spoken or items]   # (ids, labels, feats) of the transcription task
-    step, elapsed = start_or_resume(out_dir, ckpt, trainable, opt, seed, n_items=len(items), batch_size=batch_size)
+    step, elapsed = start_or_resume(out_dir, ckpt, model, opt, seed, n_items=len(items), batch_size=batch_size)
     log, summary_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "summary.json")
     if ckpt is None and held_out:   # where the adapter starts from, kept for the summary
         start = evaluate(model, losses, held_out, batch_size, ctx)

@@ -2,11 +2,9 @@
 checkpoints with exact resume: the batch order is a function of (seed, step) and a checkpoint holds every rank's RNG
 state, so a run killed at any moment and resumed ends bitwise equal to one that never stopped."""
 import atexit
-import contextlib
 import json
 import math
 import os
-import re
 import resource
 import shutil
 import signal
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 
 def init_distributed(device):
@@ -87,9 +85,8 @@ def any_rank(flag):
 
 def bf16_autocast(device, enabled=True):
     device = torch.device(device)
-    if enabled and (device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    native = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native)
 
 
 def plan(n_items, batch_size, grad_accum, max_steps, epochs):
@@ -184,7 +181,7 @@ def save_run(model, run_dir, config=None):
 
 def list_checkpoints(run_dir):
     """Complete checkpoints, oldest first: one is written as step_N.tmp/ and renamed when all its files are there."""
-    ckpts = [d for d in Path(run_dir, "checkpoints").glob("step_*") if re.fullmatch(r"step_\d+", d.name)
+    ckpts = [d for d in Path(run_dir, "checkpoints").glob("step_*") if d.name[5:].isdigit()
              and all((d / f).is_file() for f in ("model.safetensors", "config.json", "state.pt"))]
     return sorted(ckpts, key=lambda d: int(d.name[5:]))
 
@@ -198,23 +195,17 @@ def last_checkpoint(run_dir, resume):
     return ckpts[-1] if ckpts else None
 
 
-def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
+def start_or_resume(run_dir, ckpt, model, opt, seed, **data):
     """-> (step, elapsed seconds): fresh, or the checkpoint's state if it was trained on the same `data` (n_items,
     batch_size). Rank 0 clears what a killed run wrote past the step."""
-    rank, world = _rank_world()
+    (rank, world), trainable = _rank_world(), model.trainable_parameters()
     step, elapsed = 0, 0.0
     if ckpt is None:
         torch.manual_seed(seed + rank)   # dropout masks differ between ranks; the batch order is (seed, step)
         for p in trainable.values() if world > 1 else []:
             dist.broadcast(p.data, 0)
     else:
-        weights = load_file(str(ckpt / "model.safetensors"))
-        if set(weights) != set(trainable):
-            raise ValueError(f"{ckpt / 'model.safetensors'}: missing {sorted(set(trainable) - set(weights))}, "
-                             f"unexpected {sorted(set(weights) - set(trainable))}")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(weights[n])
+        model.load_trainable(ckpt / "model.safetensors")
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         if {k: state.get(k) for k in data} != data:
             raise ValueError(f"{ckpt} was trained with {({k: state.get(k) for k in data})}, not {data}: "
@@ -222,7 +213,7 @@ def start_or_resume(run_dir, ckpt, trainable, opt, seed, **data):
         opt.load_state_dict(state["optimizer"])
         if rank < len(state["rng"]):
             torch.set_rng_state(state["rng"][rank]["cpu"])
-            if (device := next(iter(trainable.values())).device).type == "cuda":
+            if (device := model.adapter.fc1.weight.device).type == "cuda":
                 torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
         else:  # resumed on more ranks than saved: this rank's random stream starts afresh (not bitwise)
             print(f"rank {rank}: no saved RNG state in {ckpt}, reseeding")
@@ -245,9 +236,7 @@ def save_checkpoint(run_dir, step, model, opt, config, keep_last, **extra):
     and every rank's RNG state for an exact resume; the newest keep_last kept (0: all). Rank 0 writes."""
     rank, world = _rank_world()
     device = model.adapter.fc1.weight.device
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
     rngs = [rng] * world   # all_gather_object overwrites each rank's entry
     if world > 1:
         dist.all_gather_object(rngs, rng)

@@ -387,10 +387,10 @@ def test_checkpoint_is_a_run_folder_and_resume_refuses_other_data(speech, tmp_pa
     assert ckpt.name == "step_0000003"
     back = SpeechLM.from_run(str(ckpt), device="cpu")   # chat.py and evaluate.py read a checkpoint as a run
     assert back.config["lr"] == 0.1 and torch.equal(back.adapter.fc1.weight, trainable["adapter.fc1.weight"])
-    assert trainer.start_or_resume(tmp_path, ckpt, trainable, opt, 0, n_items=20, batch_size=4) == (3, 1.0)
+    assert trainer.start_or_resume(tmp_path, ckpt, model, opt, 0, n_items=20, batch_size=4) == (3, 1.0)
     # a checkpoint's place in the batch order means nothing for another item count or batch size
     with pytest.raises(ValueError, match="its place in the data"):
-        trainer.start_or_resume(tmp_path, ckpt, trainable, opt, 0, n_items=24, batch_size=4)
+        trainer.start_or_resume(tmp_path, ckpt, model, opt, 0, n_items=24, batch_size=4)
 
 
 def test_scripts_import_neither_the_model_here_nor_evaluate():
