@@ -17,8 +17,12 @@ import time
 
 import torch
 
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, N_SAMPLES, REPETITION_PENALTY,
-                  SAMPLE_RATE, SPEECH, SYSTEM_PROMPT, AudioError, load_audio)
+from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, N_SAMPLES, SAMPLE_RATE, SPEECH,
+                  SYSTEM_PROMPT, AudioError, load_audio)
+
+# How chat.py, demo.py and the report's tone table decode a reply: CTRL's repetition penalty at its authors' value
+# (Keskar et al., 2019). Greedy alone loops on one sentence ("I'm so sorry to hear that. I'm so sorry ...").
+REPETITION_PENALTY = 1.2
 
 
 def read_clip(path):

@@ -25,9 +25,6 @@ EMOTION_SYSTEM_PROMPT = SYSTEM_PROMPT + (" Your response should fulfill requests
 CONTINUE = "Continue the following sentence in a coherent style: "
 CONTINUE_WITH_EMOTION = "Continue the following sentence that reflects a '{emotion}' emotion tone in a coherent style: "
 CONTINUE_HEARD_EMOTION = "Continue the following sentence based on the conveyed emotion tone in a coherent style: "
-# How chat.py, demo.py and the report's tone table decode a reply: CTRL's repetition penalty at its authors' value
-# (Keskar et al., 2019). Greedy alone loops on one sentence ("I'm so sorry to hear that. I'm so sorry ...").
-REPETITION_PENALTY = 1.2
 IGNORE = -100  # label of positions that carry no loss (torch cross_entropy's default ignore_index)
 
 

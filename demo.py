@@ -22,7 +22,7 @@ import torch
 import chat
 import speak
 from adapter import SpeechLM
-from data import EMOTIONS, N_SAMPLES, REPETITION_PENALTY, SAMPLE_RATE, AudioError
+from data import EMOTIONS, N_SAMPLES, SAMPLE_RATE, AudioError
 
 
 @torch.inference_mode()
@@ -134,7 +134,8 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=7860)
     args = p.parse_args(argv)
     # what chat.reply reads besides
-    args.seed, args.top_k, args.top_p, args.verbose, args.repetition_penalty = 0, None, None, False, REPETITION_PENALTY
+    args.seed, args.top_k, args.top_p, args.verbose = 0, None, None, False
+    args.repetition_penalty = chat.REPETITION_PENALTY
     try:
         model = SpeechLM.from_run(args.ckpt, device=args.device, dtype=args.dtype)   # once, for every visitor
     except (FileNotFoundError, ValueError, KeyError) as e:

@@ -26,9 +26,8 @@ import cache
 import data
 from adapter import Adapter, SpeechLM, partial_lora
 from cache import emotion_label, make_example, read_manifest
-from chat import sampler
-from data import (CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, REPETITION_PENALTY, SPEECH,
-                  SYSTEM_PROMPT)
+from chat import REPETITION_PENALTY, sampler
+from data import CONTINUE, CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, IGNORE, SPEECH, SYSTEM_PROMPT
 from model import KVCache
 from trainer import atomic_write, peak_rss_gb
 

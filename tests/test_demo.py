@@ -26,7 +26,8 @@ import data
 import speak
 import synth
 from adapter import SpeechLM
-from data import EMOTIONS, REPETITION_PENALTY
+from chat import REPETITION_PENALTY
+from data import EMOTIONS
 from trainer import save_run
 from test_prepare import real  # noqa: F401  (a fixture: whisper-base and SmolLM2 fetched and prepared)
 
