@@ -21,14 +21,16 @@ from tokenizer import Tokenizer
 class Adapter(nn.Module):
     """The release's "subsampler": 3 x (Conv1d stride 2 + GLU), a residual bottleneck, LayerNorm; its names."""
 
-    def __init__(self, d_enc, d_llm, inner_dim=512, kernel_size=5, n_convs=3):
+    def __init__(self, d_enc, d_llm, inner_dim=512, kernel_size=5, n_convs=3, d_in=None):
         super().__init__()
         assert kernel_size % 2 == 1, f"Adapter: kernel_size must be odd (the release's lengths), got {kernel_size}"
-        self.settings = dict(d_enc=d_enc, d_llm=d_llm, inner_dim=inner_dim, kernel_size=kernel_size, n_convs=n_convs)
+        d_in = d_in or d_enc   # the encoder's frames: d_enc wide, twice that with the tone layer beside them
+        self.settings = dict(d_enc=d_enc, d_llm=d_llm, inner_dim=inner_dim, kernel_size=kernel_size, n_convs=n_convs,
+                             d_in=d_in)
         # GLU halves the channels: every conv but the last keeps d_enc, the last lands on d_llm
         outs = [2 * d_enc] * (n_convs - 1) + [2 * d_llm]
-        self.conv_layers = nn.ModuleList(
-            nn.Conv1d(d_enc, c, kernel_size, stride=2, padding=kernel_size // 2) for c in outs)
+        self.conv_layers = nn.ModuleList(nn.Conv1d(i, c, kernel_size, stride=2, padding=kernel_size // 2)
+                                         for i, c in zip([d_in] + [d_enc] * (n_convs - 1), outs))
         self.fc1 = nn.Linear(d_llm, inner_dim, bias=False)
         self.fc2 = nn.Linear(inner_dim, d_llm, bias=False)
         self.speech_ln = nn.LayerNorm(d_llm, eps=1e-5)
@@ -142,7 +144,8 @@ class SpeechLM(nn.Module):
         w = self.encoder.layer_norm.weight
         clips = [torch.as_tensor(a, dtype=torch.float32, device=w.device).reshape(-1) for a in audios]
         mel, frames = data.log_mel_batch(clips, self.encoder.cfg.n_mels, pad_to_30s=padded)
-        x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded)
+        x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded,
+                                      tone_layer=self.config.get("tone_layer", 0))
         return [x[i, :n] for i, n in enumerate(out_lengths.tolist())]
 
     def speech_embeds(self, feats, chunk=8):
@@ -238,14 +241,18 @@ class SpeechLM(nn.Module):
                 if n.startswith(("adapter.", "emotion_head.")) or n.endswith((".lora_A", ".lora_B"))}
 
     @classmethod
-    def build(cls, whisper, llm, device=None, dtype=None, adapter=None):
-        """A fresh stage-1 model: a new adapter between the pretrained encoder and LLM."""
+    def build(cls, whisper, llm, device=None, dtype=None, adapter=None, tone_layer=0):
+        """A fresh stage-1 model: a new adapter between the pretrained encoder and LLM (tone_layer: the encoder's)."""
         device = pick_device(device or None)
         dtype = pick_dtype(dtype or None, device)
         encoder = WhisperEncoder.from_pretrained(whisper, dtype=dtype, device=device)
+        if not 0 <= tone_layer <= encoder.cfg.n_layers:
+            raise ValueError(f"tone_layer {tone_layer}: {whisper} has {encoder.cfg.n_layers} layers (0: none)")
         decoder = Decoder.from_pretrained(llm, dtype=dtype, device=device)
-        ad = Adapter(**{**(adapter or {}), "d_enc": encoder.cfg.d_model, "d_llm": decoder.cfg.dim}).to(device)
-        return cls(encoder, ad, decoder, Tokenizer.from_pretrained(llm), config=dict(whisper=whisper, llm=llm))
+        d = encoder.cfg.d_model
+        ad = Adapter(**{"d_in": 2 * d if tone_layer else d, **(adapter or {}), "d_enc": d, "d_llm": decoder.cfg.dim})
+        return cls(encoder, ad.to(device), decoder, Tokenizer.from_pretrained(llm),
+                   config=dict(whisper=whisper, llm=llm, tone_layer=tone_layer))
 
     def start_stage2(self, lora=None, num_emotions=len(data.EMOTIONS)):
         """Stage 2 adds partial LoRA (add_lora's arguments) and the emotion head, unless already there."""
@@ -276,9 +283,10 @@ class SpeechLM(nn.Module):
                 f"llm {paths['llm']} (dim {dims[1]})")
         if (a.get("d_enc"), a.get("d_llm")) != dims:
             raise ValueError(f"{files[0]}: the adapter does not fit this encoder/LLM pair: {pair}")
-        model = cls.build(paths["whisper"], paths["llm"], device, dtype, adapter=a)
+        tone = config.get("tone_layer") or 0   # a run from before it, or the authors' release: none
+        model = cls.build(paths["whisper"], paths["llm"], device, dtype, a, tone)
         model.start_stage2(config.get("lora"), config.get("num_emotions") or 0)
-        model.config = {**config, **paths}
+        model.config = {**config, **paths, "tone_layer": tone}
         model.load_trainable(files[1], pair)
         return model.eval()
 

@@ -60,7 +60,7 @@ def emotion_target_messages(text, emotion, paper=False):
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) and the mode
+def encoder_id(folder, padded, tone_layer=0):   # the encoder's files (names, sizes, mtimes) and what it outputs
     h = hashlib.sha1()
     for name in sorted(os.listdir(folder)):
         p = os.path.join(folder, name)
@@ -68,7 +68,7 @@ def encoder_id(folder, padded):   # the encoder's files (names, sizes, mtimes) a
             st = os.stat(p)
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
     # padded features are cut at ceil(n / 160) mel frames: the tag says so, features cut at n // 160 are not reused
-    h.update(b"padded:ceil" if padded else b"real")
+    h.update((b"padded:ceil" if padded else b"real") + (f"|tone:{tone_layer}".encode() if tone_layer else b""))
     return h.hexdigest()[:16]
 
 
@@ -108,7 +108,7 @@ def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
     padded = model.padded if padded is None else padded
     feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
-                         encoder_id(model.config["whisper"], padded))
+                         encoder_id(model.config["whisper"], padded, model.config.get("tone_layer", 0)))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
 

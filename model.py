@@ -134,9 +134,10 @@ class WhisperEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg.d_model, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
         self.layer_norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, mel, lengths, padded=False):
+    def forward(self, mel, lengths, padded=False, tone_layer=0):
         """padded: the release's mode, whisper attending over the 30 s padding; else each row is masked past its
-        length, so a batch equals each clip alone."""
+        length, so a batch equals each clip alone. tone_layer k > 0: beside the output, layer k's frames (layer-normed,
+        no weights), where a small Whisper still holds the tone its last layer has mostly dropped."""
         lengths = torch.as_tensor(lengths, device=mel.device)
         out_lengths = (lengths - 1) // 2 + 1
         # real frames: zeroing past the end reproduces the convs' zero padding, the mask hides padded keys
@@ -145,9 +146,13 @@ class WhisperEncoder(nn.Module):
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         mask = None if padded else (torch.arange(x.shape[1], device=mel.device) < out_lengths[:, None])[:, None, None]
         x = x + self.embed_positions.weight[:x.shape[1]]
-        for layer in self.layers:
+        tone = None
+        for k, layer in enumerate(self.layers, 1):
             x = layer(x, mask)
-        return self.layer_norm(x), out_lengths
+            if k == tone_layer:
+                tone = F.layer_norm(x, x.shape[-1:])
+        x = self.layer_norm(x)
+        return (x if tone is None else torch.cat([x, tone], -1)), out_lengths
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None):

@@ -35,3 +35,4 @@ ckpt_interval = 200
 seed = 1
 ctc_steps = 0               # the paper has no warm-up
 asr_weight = 0.0            # nor a transcription loss
+tone_layer = 0              # and its adapter hears the encoder's last layer alone

@@ -15,6 +15,7 @@ import adapter
 import cache
 import convert
 import data
+import tiny
 from tokenizer import Tokenizer
 from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, kl_loss, partial_lora
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
@@ -470,7 +471,8 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
     assert sorted(os.listdir(run)) == ["config.json", "model.safetensors"]          # no temp files left
     cfg = json.loads((run / "config.json").read_text())
     assert not os.path.isabs(cfg["whisper"]) and cfg["stage"] == "emotion" and cfg["lr"] == 2e-5
-    assert cfg["adapter"] == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3)
+    assert cfg["adapter"] == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3, d_in=16)
+    assert cfg["tone_layer"] == 0   # written from the model, whatever the config given: the adapter's width follows it
     assert cfg["lora"] == dict(r=4, alpha=8, dropout=0.05, targets=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     assert cfg["num_emotions"] == 5
     saved = load_file(str(run / "model.safetensors"))
@@ -499,10 +501,31 @@ def test_save_run_from_run_round_trip(hf_folders, tmp_path, monkeypatch):
 
 def test_build_a_fresh_stage1_model(hf_folders):
     lm = SpeechLM.build(hf_folders["whisper"], hf_folders["llm"], device="cpu", dtype="fp32", adapter=dict(inner_dim=8))
-    assert lm.adapter.settings == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3)
-    assert lm.config == {"whisper": hf_folders["whisper"], "llm": hf_folders["llm"]}
+    assert lm.adapter.settings == dict(d_enc=16, d_llm=32, inner_dim=8, kernel_size=5, n_convs=3, d_in=16)
+    assert lm.config == {"whisper": hf_folders["whisper"], "llm": hf_folders["llm"], "tone_layer": 0}
     assert lm.emotion_head is None and not any(".lora_" in n for n, _ in lm.named_parameters())
     assert list(lm.trainable_parameters())[0] == "adapter.conv_layers.0.weight"
+
+
+def test_the_tone_layer_is_heard_beside_the_output(hf_folders, tmp_path):
+    """tone_layer k: each frame is the encoder's output, then layer k's frame layer-normed (no weights); the
+    adapter's first conv takes both, and a run folder brings it back."""
+    whisper = tiny.make_whisper(tmp_path / "whisper2", n_layers=2)   # its final LayerNorm: unit weight, zero bias
+    clip, frames = torch.randn(16000), {}
+    for k in (0, 1, 2):
+        lm = SpeechLM.build(whisper, hf_folders["llm"], device="cpu", dtype="fp32", tone_layer=k)
+        assert lm.adapter.conv_layers[0].in_channels == (32 if k else 16) and lm.adapter.conv_layers[1].in_channels == 16
+        frames[k], = lm.encode_audio([clip])
+    assert frames[0].shape == (50, 16) and frames[1].shape == frames[2].shape == (50, 32)
+    assert torch.equal(frames[1][:, :16], frames[0]) and torch.equal(frames[2][:, :16], frames[0])
+    assert torch.allclose(frames[2][:, 16:], frames[0], atol=1e-5)       # the last layer, normed: the output here
+    assert not torch.allclose(frames[1][:, 16:], frames[0], atol=1e-2)   # the first is another
+    run = str(tmp_path / "run")
+    save_run(lm, run, {"whisper": whisper, "llm": hf_folders["llm"]})
+    back = SpeechLM.from_run(run, device="cpu", dtype="fp32")
+    assert back.config["tone_layer"] == 2 and torch.equal(back.encode_audio([clip])[0], frames[2])
+    with pytest.raises(ValueError, match="tone_layer 3: .* has 2 layers"):
+        SpeechLM.build(whisper, hf_folders["llm"], device="cpu", dtype="fp32", tone_layer=3)
 
 
 def test_bad_runs_are_errors_that_name_the_problem(hf_folders, tmp_path):
