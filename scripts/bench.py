@@ -296,8 +296,9 @@ def bench_decode(cfg, reps, device, do_profile=False, budget_s=None, small=False
 # ----------------------------------------------------------------------------- 4. stage-1 step
 def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf16=False):
     """One stage-1 step, the demo run's rows: a 24-token start every row shares (system prompt, instruction), then
-    the transcript (teacher) or the speech (student: 8 cached encoder frames a position), 7 template tokens and the
-    response, their lengths spread as in the demo's batches (below); rows right-padded to the longest. The LLM
+    the transcript (teacher) or the speech (student: 8 cached encoder frames a position, each the output and the tone
+    layer side by side as train_semantic.py's tone_layer = 1 makes them), 7 template tokens and the response, their
+    lengths spread as in the demo's batches (below); rows right-padded to the longest. The LLM
     frozen, the teacher without grad, only the adapter trains (AdamW, clip 1.0). The same adapter init, data and
     weights drive our Decoder and transformers' model, which gets the padding mask; both take logits at the response
     positions only. Ours runs the shared start once and keeps it (PrefixKV) and computes no padding position."""
@@ -331,10 +332,10 @@ def bench_train(cfg, reps, device, do_profile=False, budget_s=None, autocast_bf1
     for i, s in enumerate(n_sp):
         speech_at[i, n_pre:n_pre + s] = True
     prefix = PrefixKV(ours, t_ids[0, :n_pre])
-    feats = torch.randn(B, max(n_sp) * 8, d_enc, generator=g).to(device)
+    feats = torch.randn(B, max(n_sp) * 8, 2 * d_enc, generator=g).to(device)
     lengths = torch.tensor([s * 8 for s in n_sp], device=device)
     torch.manual_seed(3)
-    adapters = {"ours": Adapter(d_enc, kw["hidden_size"]).to(device)}
+    adapters = {"ours": Adapter(d_enc, kw["hidden_size"], d_in=2 * d_enc).to(device)}
     adapters["ref"] = copy.deepcopy(adapters["ours"])
     opts = {k: torch.optim.AdamW(a.parameters(), lr=1e-4, weight_decay=0.05) for k, a in adapters.items()}
     hf_logits = lambda h, m: ref_lm.lm_head(h.last_hidden_state[m])
