@@ -137,6 +137,11 @@ class SpeechLM(nn.Module):
         """How this run hears: padded to 30 s (the release's way, its config says so) or real frames only."""
         return self.config.get("padded", False)
 
+    @property
+    def tone_layer(self):
+        """The encoder layer this run's adapter hears beside the output (0: none, as the paper and the release)."""
+        return self.config.get("tone_layer") or 0
+
     @torch.no_grad()
     def encode_audio(self, audios, padded=None):
         """16 kHz clips (cut to 30 s) -> encoder frames (T_i, d_enc), heard as the run was trained unless padded."""
@@ -145,7 +150,7 @@ class SpeechLM(nn.Module):
         clips = [torch.as_tensor(a, dtype=torch.float32, device=w.device).reshape(-1) for a in audios]
         mel, frames = data.log_mel_batch(clips, self.encoder.cfg.n_mels, pad_to_30s=padded)
         x, out_lengths = self.encoder(mel.to(w.dtype), lengths=frames.to(w.device), padded=padded,
-                                      tone_layer=self.config.get("tone_layer", 0))
+                                      tone_layer=self.tone_layer)
         return [x[i, :n] for i, n in enumerate(out_lengths.tolist())]
 
     def speech_embeds(self, feats, chunk=8):
@@ -227,12 +232,15 @@ class SpeechLM(nn.Module):
 
     def prefix_kv(self, ids):
         """The PrefixKV of a shared prompt start, kept for the next batches (a few: a run uses one or two)."""
-        if ids and (key := tuple(ids)) not in self._prefixes:
+        if not ids:
+            return None
+        key = tuple(ids)
+        if key not in self._prefixes:
             if len(self._prefixes) >= 8:
                 self._prefixes.pop(next(iter(self._prefixes)))
             dev = self.decoder.embed_tokens.weight.device
             self._prefixes[key] = PrefixKV(self.decoder, torch.tensor(ids, device=dev))
-        return self._prefixes[tuple(ids)] if ids else None
+        return self._prefixes[key]
 
     def trainable_parameters(self):
         """{name: Parameter} of what BLSP-Emo trains (adapter, emotion head, LoRA); the rest is frozen here."""
@@ -283,10 +291,9 @@ class SpeechLM(nn.Module):
                 f"llm {paths['llm']} (dim {dims[1]})")
         if (a.get("d_enc"), a.get("d_llm")) != dims:
             raise ValueError(f"{files[0]}: the adapter does not fit this encoder/LLM pair: {pair}")
-        tone = config.get("tone_layer") or 0   # a run from before it, or the authors' release: none
-        model = cls.build(paths["whisper"], paths["llm"], device, dtype, a, tone)
+        model = cls.build(paths["whisper"], paths["llm"], device, dtype, a, config.get("tone_layer") or 0)
         model.start_stage2(config.get("lora"), config.get("num_emotions") or 0)
-        model.config = {**config, **paths, "tone_layer": tone}
+        model.config = {**config, **paths}
         model.load_trainable(files[1], pair)
         return model.eval()
 

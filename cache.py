@@ -108,7 +108,7 @@ def with_features(model, rows, padded=None, cache_dir=".cache/features"):
     """-> (the rows that could be encoded, each with its "feats"; the number skipped)."""
     padded = model.padded if padded is None else padded
     feats = encode_clips(lambda clips: model.encode_audio(clips, padded), [r["audio"] for r in rows], cache_dir,
-                         encoder_id(model.config["whisper"], padded, model.config.get("tone_layer", 0)))
+                         encoder_id(model.config["whisper"], padded, model.tone_layer))
     kept = [dict(r, feats=f) for r, f in zip(rows, feats) if f is not None]
     return kept, len(rows) - len(kept)
 

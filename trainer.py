@@ -171,7 +171,7 @@ def save_run(model, run_dir, config=None):
     lora = {n.rsplit(".", 1)[-1]: m for n, m in model.decoder.named_modules() if hasattr(m, "lora_A")}
     m = next(iter(lora.values()), None)
     config.update({k: os.path.relpath(config[k], run_dir) for k in ("whisper", "llm") if config.get(k)},
-                  adapter=model.adapter.settings, tone_layer=model.config.get("tone_layer") or 0,
+                  adapter=model.adapter.settings, tone_layer=model.tone_layer,
                   lora=dict(r=m.r, alpha=m.alpha, dropout=m.lora_dropout.p, targets=sorted(lora)) if m else None,
                   num_emotions=model.emotion_head.out_features if model.emotion_head is not None else 0)
     weights = {n: p.detach().cpu().contiguous() for n, p in model.trainable_parameters().items()}

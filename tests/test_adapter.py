@@ -523,7 +523,7 @@ def test_the_tone_layer_is_heard_beside_the_output(hf_folders, tmp_path):
     run = str(tmp_path / "run")
     save_run(lm, run, {"whisper": whisper, "llm": hf_folders["llm"]})
     back = SpeechLM.from_run(run, device="cpu", dtype="fp32")
-    assert back.config["tone_layer"] == 2 and torch.equal(back.encode_audio([clip])[0], frames[2])
+    assert back.tone_layer == 2 and torch.equal(back.encode_audio([clip])[0], frames[2])
     with pytest.raises(ValueError, match="tone_layer 3: .* has 2 layers"):
         SpeechLM.build(whisper, hf_folders["llm"], device="cpu", dtype="fp32", tone_layer=3)
 

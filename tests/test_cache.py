@@ -112,7 +112,7 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
                         seen.append((enc_id, encode(None))) or [torch.zeros(1, 2)] * len(paths))
 
     class Stub(SimpleNamespace):   # SpeechLM's own rule for how a run hears, without its networks
-        padded = SpeechLM.padded
+        padded, tone_layer = SpeechLM.padded, SpeechLM.tone_layer
 
         def encode_audio(self, clips, padded):
             return padded
@@ -123,6 +123,10 @@ def test_with_features_encode_as_the_run_hears(tmp_path, monkeypatch):
         assert n_bad == 0 and kept[0]["feats"].shape == (1, 2)
     assert [p for _, p in seen] == [False, True, False, False]
     assert seen[0][0] == seen[2][0] != seen[1][0] == cache.encoder_id(str(tmp_path), True)
+    # the tone layer widens the features: never read back for a run without it, nor one without for it
+    model.config = {"whisper": str(tmp_path), "tone_layer": 1}
+    cache.with_features(model, [{"audio": "x.wav"}])
+    assert seen[-1][0] == cache.encoder_id(str(tmp_path), False, 1) not in (seen[0][0], seen[1][0])
 
 
 def test_stage2_teacher_is_told_the_feeling_first():
