@@ -198,7 +198,8 @@ def last_checkpoint(run_dir, resume):
 def start_or_resume(run_dir, ckpt, model, opt, seed, **data):
     """-> (step, elapsed seconds): fresh, or the checkpoint's state if it was trained on the same `data` (n_items,
     batch_size). Rank 0 clears what a killed run wrote past the step."""
-    (rank, world), trainable = _rank_world(), model.trainable_parameters()
+    rank, world = _rank_world()
+    trainable = model.trainable_parameters()
     step, elapsed = 0, 0.0
     if ckpt is None:
         torch.manual_seed(seed + rank)   # dropout masks differ between ranks; the batch order is (seed, step)
@@ -236,7 +237,9 @@ def save_checkpoint(run_dir, step, model, opt, config, keep_last, **extra):
     and every rank's RNG state for an exact resume; the newest keep_last kept (0: all). Rank 0 writes."""
     rank, world = _rank_world()
     device = model.adapter.fc1.weight.device
-    rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     rngs = [rng] * world   # all_gather_object overwrites each rank's entry
     if world > 1:
         dist.all_gather_object(rngs, rng)
