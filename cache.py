@@ -23,6 +23,20 @@ REFUSALS = ("i'm sorry, but i", "i am sorry, but i", "i'm not sure what you", "a
             "i don't have the ability", "i'm unable to")
 
 
+# Inflections a free-text reply uses for each label ("she sounds surprised", "anger", "happiness").
+_WORDS = {"neutral": r"neutral(?:ity)?", "happy": r"happ(?:y|ier|iness|ily)|joy(?:ful)?",
+          "angry": r"angr(?:y|ier|ily)|anger", "sad": r"sad(?:ly|ness|der)?",
+          "surprise": r"surpris(?:e|ed|ing|ingly)"}
+_LABEL_RE = re.compile(r"\b(" + "|".join(f"(?P<{k}>{v})" for k, v in _WORDS.items()) + r")\b", re.IGNORECASE)
+
+
+def extract_label(reply):
+    """The first emotion word in a free-text reply, as its label ("it sounds sad, not angry" -> "sad"); "unknown"
+    when there is none."""
+    m = _LABEL_RE.search(reply)
+    return next(k for k, v in m.groupdict().items() if v) if m else "unknown"
+
+
 def read_manifest(path):
     """JSON lines -> dicts; a bad line is a ValueError naming file:line."""
     with open(path, encoding="utf-8") as f:

@@ -15,7 +15,6 @@ Each measure has a floor or a ceiling beside it, so a number says how much of th
 """
 import json
 import os
-import re
 import sys
 import time
 from collections import defaultdict
@@ -34,21 +33,6 @@ from trainer import atomic_write, peak_rss_gb
 # The authors' SER question.
 SER_QUESTION = ("Please identify the emotion tone of the speech provided below. Select from the following "
                 "options: neutral, sad, angry, happy, or surprise.\n\nSpeech: ")
-
-# Inflections a free-text reply uses for each label ("she sounds surprised", "anger", "happiness").
-_WORDS = {"neutral": r"neutral(?:ity)?", "happy": r"happ(?:y|ier|iness|ily)|joy(?:ful)?",
-          "angry": r"angr(?:y|ier|ily)|anger", "sad": r"sad(?:ly|ness|der)?",
-          "surprise": r"surpris(?:e|ed|ing|ingly)"}
-_LABEL_RE = re.compile(r"\b(" + "|".join(f"(?P<{k}>{v})" for k, v in _WORDS.items()) + r")\b", re.IGNORECASE)
-
-
-def extract_label(reply):
-    """The first emotion word in a free-text reply, as its label; "unknown" when there is none.
-
-    "I'd say it sounds sad, not angry" -> "sad": the first one named is the answer given.
-    """
-    m = _LABEL_RE.search(reply)
-    return next(k for k, v in m.groupdict().items() if v) if m else "unknown"
 
 
 @torch.no_grad()
@@ -100,7 +84,7 @@ def ser_eval(model, items, batch_size=64, max_new_tokens=24):
     cols = EMOTIONS + ["unknown"]
     conf = [[0] * len(cols) for _ in EMOTIONS]
     for it, r in zip(items, texts):
-        conf[it["label"]][cols.index(extract_label(r))] += 1
+        conf[it["label"]][cols.index(cache.extract_label(r))] += 1
     n = len(items)
     res = {"n": n, "acc": accuracy(conf), "uar": uar(conf),
            "recall": {e: conf[i][i] / max(sum(conf[i]), 1) for i, e in enumerate(EMOTIONS)},
@@ -137,7 +121,7 @@ def ser_text_oracle(model, items, batch_size=64, max_new_tokens=24):
     told cannot be expected to name one it hears."""
     texts = [told(it) for it in items]
     answers = text_replies(model, texts, SYSTEM_PROMPT, SER_QUESTION, max_new_tokens, batch_size)
-    return sum(extract_label(a) == EMOTIONS[it["label"]] for a, it in zip(answers, items)) / max(len(items), 1)
+    return sum(cache.extract_label(a) == EMOTIONS[it["label"]] for a, it in zip(answers, items)) / max(len(items), 1)
 
 
 @torch.no_grad()

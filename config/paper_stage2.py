@@ -19,6 +19,7 @@ lora_r = 16
 lora_alpha = 16
 lora_dropout = 0.05
 head_warmup_steps = 0
+ask_every = 0               # only the continuation: no clip is asked how the speaker feels
 min_seconds = 1.0           # clips under 1 s dropped
 max_seconds = 30.0          # and over 30 s
 max_text_tokens = 256       # examples over 256 text tokens dropped (prompt with the label, transcript, target)

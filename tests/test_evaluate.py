@@ -55,8 +55,8 @@ REPLIES = [
 
 @pytest.mark.parametrize("reply,label", REPLIES)
 def test_extract_label(reply, label):
-    assert ev.extract_label(reply) == label
-    assert ev.extract_label(reply.upper()) == label and ev.extract_label(reply.lower()) == label
+    assert cache.extract_label(reply) == label
+    assert cache.extract_label(reply.upper()) == label and cache.extract_label(reply.lower()) == label
 
 
 def items(n_per_class, seed=0, lengths=(30, 90)):
@@ -137,7 +137,7 @@ def test_ser_eval_on_a_tiny_model_is_consistent(model, capsys):
     assert res["recall"] == pytest.approx({e: conf[i][i] / 2 for i, e in enumerate(EMOTIONS)})
     for r, it in zip(res["replies"], its):               # each reply is counted under the label read from it
         assert r["audio"] == it["audio"]
-        assert conf[it["label"]][res["columns"].index(ev.extract_label(r["reply"]))] >= 1
+        assert conf[it["label"]][res["columns"].index(cache.extract_label(r["reply"]))] >= 1
     # the emotion head's accuracy: each clip's argmax, computed alone, against its label
     with torch.no_grad():
         pred = [int(model.emotion_logits(*model.speech_embeds([it["feats"]])).argmax()) for it in its]

@@ -393,6 +393,47 @@ def test_checkpoint_is_a_run_folder_and_resume_refuses_other_data(speech, tmp_pa
         trainer.start_or_resume(tmp_path, ckpt, model, opt, 0, n_items=24, batch_size=4)
 
 
+def test_stage2_also_asks_how_the_speaker_feels(speech, tmp_path, monkeypatch):
+    """Every ask_every-th clip comes twice: once for the continuation, once asked how the speaker feels, with the
+    LLM's answer over the transcript (the emotion told) as its target; an answer that names another emotion goes."""
+    import importlib
+
+    import cache
+    import evaluate
+    from adapter import SpeechLM
+    monkeypatch.chdir(speech["root"])
+    monkeypatch.setattr(sys, "argv", ["train_emotion.py"])
+    te = importlib.import_module("train_emotion")
+    assert te.ask_every == 4 and te.ASK_EMOTION not in evaluate.SER_QUESTION   # the SER test asks in its own words
+    prompts = []
+
+    def targets(model, items, path, build_prompt, **_):   # stands in for the LLM: answers sad clips "happy"
+        out = {}
+        for n, it in enumerate(items):
+            user = build_prompt(it)[-1]["content"]
+            prompts.append(user)
+            answer = "It sounds happy." if user.endswith("(said in a sad tone)") else f"Clearly {EMOTIONS[it['label']]}."
+            it["target_key"] = str(n)
+            out[str(n)] = {"key": str(n), "target": answer if user.startswith(te.ASK_EMOTION) else "A reply.",
+                           "truncated": False}
+        return out
+
+    monkeypatch.setattr(cache, "make_targets", targets)
+    model = SpeechLM.from_run(speech["stage1"], device="cpu")
+    items = te.load_items(model, speech["train"], 0, str(tmp_path))
+    rows = cache.read_manifest(speech["train"])
+    asked = [it for it in items if it.get("ask")]
+    # clips 0, 4, 8, 12, 16 are asked; clip 8 is sad, its answer names happy and is dropped
+    assert len(items) == 20 + 4 and [it["text"] for it in asked] == [rows[k]["text"] for k in (0, 4, 12, 16)]
+    assert all(it["target"] == f"Clearly {EMOTIONS[it['label']]}." for it in asked)
+    assert all(it["target"] == "A reply." for it in items if not it.get("ask"))
+    assert sum(p.startswith(te.ASK_EMOTION) for p in prompts) == 5
+    ask_ids = model.tok.encode(te.ASK_EMOTION.split("?")[0] + "?")
+    def holds(ids, sub):
+        return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
+    assert all(holds(it["student"][0], ask_ids) == bool(it.get("ask")) for it in items)
+    assert all(it["text"] not in model.tok.decode(it["student"][0]) for it in asked)   # the speech alone
+
 def test_scripts_import_neither_the_model_here_nor_evaluate():
     def imported(name):
         tree = ast.parse((REPO / name).read_text())
