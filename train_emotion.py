@@ -43,7 +43,7 @@ min_seconds = 0.0               # drop clips shorter than this (0: keep all; the
 max_seconds = 0.0               # drop clips longer than this (0: cut to 30 s instead; the release: 30.0)
 max_text_tokens = 0             # drop examples whose text side is longer (0: keep all; the release: 256)
 # CPU-scale addition, not in the paper: every ask_every-th clip is also asked how the speaker feels, in other words
-# than evaluate.py's SER question; the target is the LLM's answer over the transcript, the emotion told (0: none)
+# than evaluate.py's SER question; the target is the LLM's answer over the transcript, the emotion told (<= 0: none)
 ask_every = 4
 # Steps of the emotion loss alone (adapter + head on cached features, batches of 32, no LLM) before the joint loop
 head_warmup_steps = 80          # CPU recipe: 2,560 clips drawn from both engines (espeak, flite); the release: 0
@@ -87,7 +87,7 @@ def load_items(model, manifest, limit, run_dir):
     rows = cache.drop_by_duration(cache.read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     for n, r in enumerate(rows, 1):
         r["label"] = cache.emotion_label(r["emotion"], map, f"{manifest}:{n}")
-    rows += [dict(r, ask=True) for r in rows[::ask_every]] if ask_every else []
+    rows += [dict(r, ask=True) for r in rows[::ask_every]] if ask_every > 0 else []
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
     targets = rank0_first(lambda: cache.make_targets(model, rows, os.path.join(run_dir, "targets.jsonl"),
                                                      prompt_for_target, max_new_tokens=max_new_tokens,
@@ -95,7 +95,7 @@ def load_items(model, manifest, limit, run_dir):
     def named(r):   # an answer that names another emotion first, or none, would teach the wrong one
         return cache.extract_label(targets[r["target_key"]]["target"]) == EMOTIONS[r["label"]]
     kept = [r for r in rows if not r.get("ask") or named(r)]
-    if ask_every:
+    if ask_every > 0:
         print(f"{manifest}: {len(rows) - len(kept)} answers to how the speaker feels dropped (another emotion or none)")
     rows = kept
     def examples(row, t):
