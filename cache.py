@@ -74,6 +74,12 @@ def emotion_target_messages(text, emotion, paper=False):
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+def told(item):
+    """The transcript with its emotion told in words: what the LLM reads where the speech model must hear it (the
+    asked clips' teacher, the SER ceilings)."""
+    return f"{item['text']} (said in a {EMOTIONS[item['label']]} tone)"
+
+
 def encoder_id(folder, padded, tone_layer=0):   # the encoder's files (names, sizes, mtimes) and what it outputs
     h = hashlib.sha1()
     for name in sorted(os.listdir(folder)):

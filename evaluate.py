@@ -109,17 +109,12 @@ def head_confusion(model, items, batch_size=16):
     return conf
 
 
-def told(item):
-    """The transcript with its emotion told in words: what the SER ceilings give the LLM instead of speech."""
-    return f"{item['text']} (said in a {EMOTIONS[item['label']]} tone)"
-
-
 @torch.no_grad()
 def ser_text_oracle(model, items, batch_size=64, max_new_tokens=24):
     """A ceiling for free-text SER with this LLM: the same question over the transcript with the emotion
     *told* in words ("... (said in a sad tone)"), no speech. An LLM that cannot name an emotion it is
     told cannot be expected to name one it hears."""
-    texts = [told(it) for it in items]
+    texts = [cache.told(it) for it in items]
     answers = text_replies(model, texts, SYSTEM_PROMPT, SER_QUESTION, max_new_tokens, batch_size)
     return sum(cache.extract_label(a) == EMOTIONS[it["label"]] for a, it in zip(answers, items)) / max(len(items), 1)
 
@@ -175,7 +170,7 @@ def ser_closed(model, items, transcript=False, batch_size=32):
     label used), so the LLM's prior for a word ("neutral", "happy") no longer decides every answer: what it hears."""
     examples, feats = [], []
     for it in items:
-        parts = [SER_QUESTION + told(it)] if transcript else [SER_QUESTION, SPEECH]
+        parts = [SER_QUESTION + cache.told(it)] if transcript else [SER_QUESTION, SPEECH]
         for e in EMOTIONS:
             examples.append(make_example(model.tok, SYSTEM_PROMPT, parts, e, truncated=True))
             feats.append(it.get("feats"))

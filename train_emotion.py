@@ -77,8 +77,8 @@ ASK_EMOTION = "How does the speaker feel? Answer with one word: happy, sad, angr
 
 def prompt_for_target(item):
     if item.get("ask"):
-        told = f"{item['text']} (said in a {EMOTIONS[item['label']]} tone)"
-        return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": ASK_EMOTION + told}]
+        return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT},
+                {"role": "user", "content": ASK_EMOTION + cache.told(item)}]
     return cache.emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
 
 

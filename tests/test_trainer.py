@@ -429,10 +429,12 @@ def test_stage2_also_asks_how_the_speaker_feels(speech, tmp_path, monkeypatch):
     assert all(it["target"] == "A reply." for it in items if not it.get("ask"))
     assert sum(p.startswith(te.ASK_EMOTION) for p in prompts) == 5
     ask_ids = model.tok.encode(te.ASK_EMOTION.split("?")[0] + "?")
+
     def holds(ids, sub):
         return any(ids[i:i + len(sub)] == sub for i in range(len(ids)))
     assert all(holds(it["student"][0], ask_ids) == bool(it.get("ask")) for it in items)
     assert all(it["text"] not in model.tok.decode(it["student"][0]) for it in asked)   # the speech alone
+
 
 def test_scripts_import_neither_the_model_here_nor_evaluate():
     def imported(name):
