@@ -168,7 +168,7 @@ def make_targets(model, items, path, build_prompt, *, max_new_tokens=48, batch_s
             done[r["key"]] = r
         for it in items:
             msgs = build_prompt(it)
-            made_by = [msgs, os.path.normpath(model.config.get("llm", "")), max_new_tokens]
+            made_by = [msgs, os.path.realpath(model.config.get("llm", "")), max_new_tokens]   # relative or not
             key = hashlib.sha1(json.dumps(made_by, sort_keys=True).encode()).hexdigest()[:16]
             it["target_key"] = key
             if key not in done:

@@ -4,6 +4,7 @@
 # retrieval) on scorers whose answers are planted, reply scoring against the decoder's own numbers, and
 # the reply measures (distinct replies, VADER fit gap) on texts of known valence.
 import json
+import os
 import sys
 
 import pytest
@@ -411,6 +412,13 @@ def test_teacher_replies_use_the_stage2_prompt_and_its_cache(model, monkeypatch,
         raise RuntimeError("regenerated a cached target")
     monkeypatch.setattr(model.decoder, "generate", generate)
     assert ev.teacher_replies(model, texts, emos, path, max_new_tokens=5) == got
+    llm = model.config["llm"]   # the same LLM folder named another way: the same targets
+    monkeypatch.setitem(model.config, "llm", os.path.relpath(llm) if os.path.isabs(llm) else os.path.abspath(llm))
+    assert ev.teacher_replies(model, texts, emos, path, max_new_tokens=5) == got
+    monkeypatch.setitem(model.config, "llm", llm + "-other")
+    with pytest.raises(RuntimeError, match="regenerated"):   # another LLM's targets are not these
+        ev.teacher_replies(model, texts, emos, path, max_new_tokens=5)
+    monkeypatch.setitem(model.config, "llm", llm)
     with pytest.raises(RuntimeError, match="regenerated"):   # targets of another length are other targets
         ev.teacher_replies(model, texts, emos, path, max_new_tokens=6)
     asked.clear()
