@@ -82,12 +82,13 @@ def prompt_for_target(item):
     return cache.emotion_target_messages(item["text"], EMOTIONS[item["label"]], paper=paper_prompts)
 
 
-def load_items(model, manifest, limit, run_dir):
-    """Manifest rows -> items with their label, encoder features and the LLM's target."""
+def load_items(model, manifest, limit, run_dir, ask=False):
+    """Manifest rows -> items with their label, encoder features and the LLM's target; ask: and the asked clips."""
     rows = cache.drop_by_duration(cache.read_manifest(manifest)[:limit or None], min_seconds, max_seconds, manifest)
     for n, r in enumerate(rows, 1):
         r["label"] = cache.emotion_label(r["emotion"], map, f"{manifest}:{n}")
-    rows += [dict(r, ask=True) for r in rows[::ask_every]] if ask_every > 0 else []
+    ask = ask and ask_every > 0
+    rows += [dict(r, ask=True) for r in rows[::ask_every]] if ask else []
     rows, n_bad = rank0_first(lambda: cache.with_features(model, rows))   # padded as model.config says
     targets = rank0_first(lambda: cache.make_targets(model, rows, os.path.join(run_dir, "targets.jsonl"),
                                                      prompt_for_target, max_new_tokens=max_new_tokens,
@@ -95,7 +96,7 @@ def load_items(model, manifest, limit, run_dir):
     def named(r):   # an answer that names another emotion first, or none, would teach the wrong one
         return cache.extract_label(targets[r["target_key"]]["target"]) == EMOTIONS[r["label"]]
     kept = [r for r in rows if not r.get("ask") or named(r)]
-    if ask_every > 0:
+    if ask:
         print(f"{manifest}: {len(rows) - len(kept)} answers to how the speaker feels dropped (another emotion or none)")
     rows = kept
     def examples(row, t):
@@ -145,8 +146,8 @@ def main():
     model.start_stage2(lora=dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout), num_emotions=len(EMOTIONS))
     config["padded"] = model.config["padded"] = model.padded if padded is None else padded
     config.update(stage="emotion", whisper=model.config["whisper"], llm=model.config["llm"])   # the run's folders
-    items = load_items(model, train_manifest, max_train, out_dir)
-    held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []
+    items = load_items(model, train_manifest, max_train, out_dir, ask=True)
+    held_out = load_items(model, eval_manifest, max_eval, out_dir) if eval_manifest else []   # the paper's task
     params = list(model.trainable_parameters().values())   # adapter, emotion head, LoRA
     opt = adamw(params, lr, weight_decay)
     bf16 = model.decoder.embed_tokens.weight.dtype == torch.bfloat16

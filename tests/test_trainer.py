@@ -420,7 +420,9 @@ def test_stage2_also_asks_how_the_speaker_feels(speech, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache, "make_targets", targets)
     model = SpeechLM.from_run(speech["stage1"], device="cpu")
-    items = te.load_items(model, speech["train"], 0, str(tmp_path))
+    assert not any(it.get("ask") for it in te.load_items(model, speech["train"], 0, str(tmp_path)))   # held out
+    prompts.clear()
+    items = te.load_items(model, speech["train"], 0, str(tmp_path), ask=True)
     rows = cache.read_manifest(speech["train"])
     asked = [it for it in items if it.get("ask")]
     # clips 0, 4, 8, 12, 16 are asked; clip 8 is sad, its answer names happy and is dropped
