@@ -76,8 +76,9 @@ def emotion_target_messages(text, emotion, paper=False):
 
 def told(item):
     """The transcript with its emotion told in words: what the LLM reads where the speech model must hear it (the
-    asked clips' teacher, the SER ceilings)."""
-    return f"{item['text']} (said in a {EMOTIONS[item['label']]} tone)"
+    asked clips' teacher, the SER ceilings). "A surprise tone" reads as no emotion: Qwen2.5 answers "neutral" to it."""
+    emotion = EMOTIONS[item["label"]]
+    return f"{item['text']} (said in a {'surprised' if emotion == 'surprise' else emotion} tone)"
 
 
 def encoder_id(folder, padded, tone_layer=0):   # the encoder's files (names, sizes, mtimes) and what it outputs
