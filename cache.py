@@ -37,6 +37,13 @@ def extract_label(reply):
     return next(k for k, v in m.groupdict().items() if v) if m else "unknown"
 
 
+def check_manifests(*paths):
+    """Each manifest given ("" or None: none) is a file: said before a run spends its first minutes loading models."""
+    for path in filter(None, paths):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such manifest")
+
+
 def read_manifest(path):
     """JSON lines -> dicts; a bad line is a ValueError naming file:line."""
     with open(path, encoding="utf-8") as f:

@@ -139,6 +139,7 @@ def warm_up_head(model, items):
 
 
 def main():
+    cache.check_manifests(train_manifest, eval_manifest)
     rank, _, dev = init_distributed(pick_device(device or None))
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
     torch.manual_seed(seed)                    # new weights start the same in every run

@@ -137,6 +137,7 @@ def ctc_warmup(model, rows):
 
 
 def main():
+    cache.check_manifests(train_manifest, eval_manifest, ctc_manifest if ctc_steps or asr_weight else None)
     rank, world, dev = init_distributed(pick_device(device or None))
     if asr_weight and asr_batch_size % (grad_accum * world):
         raise ValueError(f"asr_batch_size {asr_batch_size} must be a multiple of grad_accum {grad_accum} x {world} ranks")

@@ -94,6 +94,16 @@ def log_rows(run_dir, split="train"):
     return [r for r in rows if r["split"] == split]
 
 
+def test_a_missing_manifest_is_named_before_any_model_loads(speech):
+    for script, args in (("train_semantic.py", semantic_args(speech, speech["root"] / "none", "--ctc_manifest=nowhere.jsonl",
+                                                            "--ctc_steps=5", "--dtype=auto")),
+                         ("train_emotion.py", emotion_args(speech, speech["root"] / "none", "--eval_manifest=nowhere.jsonl",
+                                                           "--dtype=auto"))):
+        p = run(speech, script, *args)
+        # pick_dtype says "dtype: ..." when a model loads: the error comes first
+        assert p.returncode != 0 and "nowhere.jsonl: no such manifest" in p.stderr and "dtype:" not in p.stderr, p.stderr
+
+
 def test_ctc_warmup_learns_to_spell_before_the_kl(speech):
     out = speech["root"] / "ctc"
     args = semantic_args(speech, out, "--max_train=8", "--max_eval=4", "--batch_size=4", "--max_steps=1",
