@@ -137,10 +137,10 @@ def ctc_warmup(model, rows):
 
 
 def main():
-    cache.check_manifests(train_manifest, eval_manifest, ctc_manifest if ctc_steps or asr_weight else None)
     rank, world, dev = init_distributed(pick_device(device or None))
     if asr_weight and asr_batch_size % (grad_accum * world):
         raise ValueError(f"asr_batch_size {asr_batch_size} must be a multiple of grad_accum {grad_accum} x {world} ranks")
+    cache.check_manifests(train_manifest, eval_manifest, ctc_manifest if ctc_steps or asr_weight else None)
     ckpt = last_checkpoint(out_dir, resume)    # None: a fresh run
     torch.manual_seed(seed)                    # new weights start the same in every run
     model = SpeechLM.build(whisper, llm, device=dev, dtype=dtype, tone_layer=tone_layer)
