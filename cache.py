@@ -72,20 +72,25 @@ def continue_target_messages(text):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": CONTINUE + text}]
 
 
+# EMOTIONS' label -> the word a sentence says it with: "a surprise tone" reads as no emotion (asked how that speaker
+# feels, Qwen2.5 answers "neutral")
+ADJECTIVE = {"surprise": "surprised"}
+
+
 def emotion_target_messages(text, emotion, paper=False):
     """Stage 2's teacher prompt, the emotion told in words. Under the paper's continuation instruction a small LLM
     repeats the sentence whatever the label; asked to reply to it "(said in a sad voice)", Qwen2.5 refuses (it
     cannot speak). Told "I feel sad." first, both LLMs reply to the feeling. ("I feel neutral." it refuses too.)"""
-    feeling = {"neutral": "calm", "surprise": "surprised"}.get(emotion, emotion)
+    feeling = {**ADJECTIVE, "neutral": "calm"}.get(emotion, emotion)
     user = CONTINUE_WITH_EMOTION.format(emotion=emotion) + text if paper else f"I feel {feeling}. {text}"
     return [{"role": "system", "content": EMOTION_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
 def told(item):
     """The transcript with its emotion told in words: what the LLM reads where the speech model must hear it (the
-    asked clips' teacher, the SER ceilings). "A surprise tone" reads as no emotion: Qwen2.5 answers "neutral" to it."""
+    asked clips' teacher, the SER ceilings)."""
     emotion = EMOTIONS[item["label"]]
-    return f"{item['text']} (said in a {'surprised' if emotion == 'surprise' else emotion} tone)"
+    return f"{item['text']} (said in a {ADJECTIVE.get(emotion, emotion)} tone)"
 
 
 def encoder_id(folder, padded, tone_layer=0):   # the encoder's files (names, sizes, mtimes) and what it outputs
