@@ -119,11 +119,6 @@ def kl_loss(student_logits, teacher_logits, T=2.0):
     return F.kl_div(s, t, reduction="batchmean", log_target=True) if len(s) else s.sum()
 
 
-def ce_loss(logits, targets):
-    """The mean cross-entropy over the targets: the release's response_ce, and the emotion head's loss."""
-    return F.cross_entropy(logits.float(), targets)
-
-
 class SpeechLM(nn.Module):
     def __init__(self, encoder, adapter, decoder, tok, emotion_head=None, config=None):
         super().__init__()

@@ -12,10 +12,11 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM, ce_loss
+from adapter import SpeechLM
 from configurator import configure
 from data import CONTINUE_HEARD_EMOTION, EMOTION_SYSTEM_PROMPT, EMOTIONS, SPEECH
 from model import pick_device
@@ -112,12 +113,12 @@ def head_loss(model, embeds, lengths, batch):
     """The emotion head's loss and accuracy on the adapter output."""
     logits = model.emotion_logits(embeds, lengths)
     labels = torch.tensor([b["label"] for b in batch], device=logits.device)
-    return ce_loss(logits, labels), (logits.argmax(-1) == labels).float().mean().item()
+    return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean().item()
 
 
 def losses(model, batch):
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
-    ce = ce_loss(s["logits"], s["targets"])
+    ce = F.cross_entropy(s["logits"].float(), s["targets"])   # the release's response_ce
     emo, acc = head_loss(model, s["embeds"], s["lengths"], batch)
     return ce + emotion_loss_weight * emo, {"ce": ce.item(), "emotion": emo.item(), "head_acc": acc}
 

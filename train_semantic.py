@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cache
-from adapter import SpeechLM, kl_loss, ce_loss
+from adapter import SpeechLM, kl_loss
 from configurator import configure
 from data import CONTINUE, SPEECH, SYSTEM_PROMPT
 from model import pick_device
@@ -102,7 +102,7 @@ def losses(model, batch):
         teacher = model.response_logits([b["teacher"] for b in batch])
     s = model.response_logits([b["student"] for b in batch], [b["feats"] for b in batch])
     kl = kl_loss(s["logits"], teacher["logits"], T=kl_temperature)
-    return kl, {"kl": kl.item(), "ce": ce_loss(s["logits"], s["targets"]).item()}
+    return kl, {"kl": kl.item(), "ce": F.cross_entropy(s["logits"].float(), s["targets"]).item()}
 
 
 def ctc_warmup(model, rows):
@@ -182,7 +182,7 @@ def main():
                 if asr_weight:
                     ids, labels, feats = zip(*[spoken[i] for i in heard[m]])
                     s = model.response_logits(list(zip(ids, labels)), feats)
-                    asr = ce_loss(s["logits"], s["targets"])
+                    asr = F.cross_entropy(s["logits"].float(), s["targets"])
                     loss, stats["asr"] = loss + asr_weight * asr, asr.item()
             (loss / grad_accum).backward()   # summed over the micro-steps: the gradient of their mean loss
             for k, v in {"loss": loss.item(), **stats}.items():

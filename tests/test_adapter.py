@@ -17,7 +17,7 @@ import convert
 import data
 import tiny
 from tokenizer import Tokenizer
-from adapter import Adapter, LoRALinear, SpeechLM, add_lora, ce_loss, kl_loss, partial_lora
+from adapter import Adapter, LoRALinear, SpeechLM, add_lora, kl_loss, partial_lora
 from model import Decoder, DecoderConfig, WhisperConfig, WhisperEncoder
 from trainer import save_run
 
@@ -117,13 +117,6 @@ def test_kl_loss():
     assert kl_loss(empty, torch.zeros(0, 7)).item() == 0.0   # no response positions: 0, not a NaN
     with pytest.raises(RuntimeError, match="must match"):   # the response positions must line up
         kl_loss(torch.zeros(3, 5), torch.zeros(4, 5))
-
-
-def test_ce_loss():
-    V = 11
-    targets = torch.tensor([4, 5, 7, 8, 9, 10])
-    assert ce_loss(torch.zeros(6, V), targets).item() == pytest.approx(math.log(V))   # uniform -> log V
-    assert ce_loss(torch.zeros(4, 5), torch.tensor([0, 1, 2, 4])).item() == pytest.approx(math.log(5))
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -365,7 +358,7 @@ def test_stage1_step_teacher_and_student_line_up(tok):
         full = lm.decoder(embeds=b["embeds"], valid=b["valid"])
         shifted = F.cross_entropy(full[:, :-1].reshape(-1, tok.vocab_size), b["labels"][:, 1:].reshape(-1))
     assert t["targets"].tolist() == [y for _, labels in teacher for y in labels[1:] if y != IGNORE]
-    assert ce_loss(t_logits, t["targets"]).item() == pytest.approx(shifted.item(), rel=1e-5)
+    assert F.cross_entropy(t_logits, t["targets"]).item() == pytest.approx(shifted.item(), rel=1e-5)
     loss = kl_loss(s["logits"], t_logits)
     assert loss.item() > 0
     loss.backward()
@@ -382,7 +375,8 @@ def test_stage2_step_gradients_reach_exactly_the_trainable_weights(tok):
     examples = [cache.make_example(tok, data.EMOTION_SYSTEM_PROMPT, ["hello ", data.SPEECH], t)
                 for t in ("the cat.", "on the mat, the cat sat.")]
     s = lm.response_logits(examples, [torch.randn(40, 16), torch.randn(70, 16)])
-    loss = ce_loss(s["logits"], s["targets"]) + ce_loss(lm.emotion_logits(s["embeds"], s["lengths"]), torch.tensor([1, 3]))
+    head = lm.emotion_logits(s["embeds"], s["lengths"])
+    loss = F.cross_entropy(s["logits"], s["targets"]) + F.cross_entropy(head, torch.tensor([1, 3]))
     loss.backward()
     grads = {n: p.grad for n, p in lm.named_parameters()}
     assert all(g is None for n, g in grads.items() if n not in names)
