@@ -89,8 +89,8 @@ def emotion_target_messages(text, emotion, paper=False):
 def told(item):
     """The transcript with its emotion told in words: what the LLM reads where the speech model must hear it (the
     asked clips' teacher, the SER ceilings)."""
-    emotion = EMOTIONS[item["label"]]
-    return f"{item['text']} (said in a {ADJECTIVE.get(emotion, emotion)} tone)"
+    word = ADJECTIVE.get(EMOTIONS[item["label"]], EMOTIONS[item["label"]])
+    return f"{item['text']} (said in {'an' if word[0] in 'aeiou' else 'a'} {word} tone)"
 
 
 def encoder_id(folder, padded, tone_layer=0):   # the encoder's files (names, sizes, mtimes) and what it outputs

@@ -124,7 +124,7 @@ def test_text_oracle_tells_the_label_and_counts(model, monkeypatch):
     assert ev.ser_text_oracle(model, its) == pytest.approx(3 / 5)
     (system, instruction, texts), = asked
     assert (system, instruction) == (ev.SYSTEM_PROMPT, ev.SER_QUESTION)
-    assert texts == [f"sentence 0 (said in a {e} tone)" for e in ("neutral", "happy", "angry", "sad", "surprised")]
+    assert texts == [f"sentence 0 (said in {a} tone)" for a in ("a neutral", "a happy", "an angry", "a sad", "a surprised")]
 
 
 def test_ser_eval_on_a_tiny_model_is_consistent(model, capsys):
@@ -252,7 +252,8 @@ def test_ser_closed_picks_the_likeliest_label_word(model, monkeypatch):
     for k, (p, _, feats_given) in enumerate(seen):
         it = its[k // 5]
         assert feats_given is None
-        user = ev.SER_QUESTION + f"{it['text']} (said in a {EMOTIONS[it['label']].replace('surprise', 'surprised')} tone)"
+        word = EMOTIONS[it["label"]].replace("surprise", "surprised")
+        user = ev.SER_QUESTION + f"{it['text']} (said in {'an' if word == 'angry' else 'a'} {word} tone)"
         assert p == model.tok.encode_chat([{"role": "system", "content": ev.SYSTEM_PROMPT}, {"role": "user", "content": user}])
 
 
