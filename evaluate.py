@@ -235,13 +235,20 @@ def print_ser(res, title):
         print(f"  {e:>9} " + " ".join(f"{v:4d}" for v in row))
 
 
-def plot_confusion(res, path):
+def pyplot(what):
+    """matplotlib's pyplot, drawing to files only; None, with a note that `what` is not drawn, without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no confusion-matrix plot (pip install matplotlib)")
+        print(f"matplotlib is not installed: no {what} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_confusion(res, path):
+    if (plt := pyplot("confusion-matrix plot")) is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.imshow(res["confusion"], cmap="Blues")
@@ -472,12 +479,7 @@ def main():
 def plot_losses(log_path, png_path):
     """A run's log.jsonl as curves: one panel per measure (train a line, eval dots), and seconds per training
     step last, which stays flat over a run unless something slows the steps. matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the loss plot")
+    if (plt := pyplot("loss plot")) is None:
         return False
     rows = [json.loads(r) for r in open(log_path) if r.strip()]
     train = [r for r in rows if r["split"] == "train" and "elapsed" in r]
